@@ -1,0 +1,43 @@
+"""Helpers shared by the subcommands: stderr console, JSON output, progress bars."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+# Everything human-facing goes to stderr so that `--json` leaves exactly one object on stdout.
+console = Console(stderr=True, highlight=False)
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    """Write exactly one JSON object (one line) to stdout."""
+    sys.stdout.write(json.dumps(obj, sort_keys=False, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+def progress(disable: bool = False) -> Progress:
+    """A rich progress bar on stderr (training, sampling, feature extraction)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+        transient=False,
+    )

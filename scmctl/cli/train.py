@@ -1,0 +1,195 @@
+"""`scmctl train` (sCT, or the diffusion teacher) and `scmctl distill` (sCD)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from scmctl.cli import app
+from scmctl.cli.common import console, emit_json
+from scmctl.errors import UsageError
+
+# Fields that may change between the first call and a resuming call on the same run directory.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.grid_every",
+                     "train.keep_checkpoints", "train.device", "sample.")
+# Network fields a student takes from its own config rather than from the checkpoint it starts from.
+OWN_NETWORK_FIELDS = ("dropout", "dropout_max_resolution", "label_dropout", "guidance_input",
+                      "attention_backend", "attention_jvp")
+
+PRESET = typer.Option("tiny", "--preset", help="Preset name (see presets/) or a YAML file.")
+DATA = typer.Option(None, "--data", help="Dataset: image folder, cifar-10-python.tar.gz, .npz/.npy; default: the preset's (tiny: built-in digits).")
+RUN_DIR = typer.Option(None, "--run-dir", help="Run directory; re-running on an existing one resumes. Default: runs/PRESET-METHOD.")
+INIT = typer.Option(None, "--init", help="Start from this checkpoint's (or run directory's) EMA weights.")
+STEPS = typer.Option(None, "--steps", help="Total training steps (train.steps).")
+BATCH = typer.Option(None, "--batch", help="Global batch size (train.batch).")
+SEED = typer.Option(None, "--seed", help="Random seed (train.seed).")
+SET = typer.Option([], "--set", help="Override a config field: --set train.lr=1e-4 (repeatable).")
+DRY = typer.Option(False, "--dry-run", help="Print the resolved config and parameter count, then exit.")
+JSON = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
+
+
+@app.command("train")
+def train_cmd(preset: str = PRESET, data: Optional[str] = DATA, run_dir: Optional[Path] = RUN_DIR,
+              objective: str = typer.Option("consistency", "--objective",
+                                            help="consistency (sCT) or diffusion (the teacher)."),
+              init: Optional[str] = INIT, steps: Optional[int] = STEPS, batch: Optional[int] = BATCH,
+              seed: Optional[int] = SEED, set_: List[str] = SET, dry_run: bool = DRY,
+              json_out: bool = JSON) -> None:
+    """Consistency training (sCT), or the TrigFlow diffusion teacher with --objective diffusion."""
+    if objective not in ("consistency", "diffusion"):
+        raise UsageError(f"--objective must be 'consistency' or 'diffusion', got '{objective}'")
+    method = "sct" if objective == "consistency" else "diffusion"
+    _run(method, preset, data, run_dir, init, None, steps, batch, seed, set_, dry_run, json_out)
+
+
+@app.command("distill")
+def distill_cmd(teacher: str = typer.Option(..., "--teacher", help="Teacher checkpoint or run directory (a diffusion model)."),
+                preset: str = PRESET, data: Optional[str] = DATA, run_dir: Optional[Path] = RUN_DIR,
+                init: Optional[str] = INIT, steps: Optional[int] = STEPS, batch: Optional[int] = BATCH,
+                seed: Optional[int] = SEED, set_: List[str] = SET, dry_run: bool = DRY,
+                json_out: bool = JSON) -> None:
+    """Consistency distillation (sCD) from a diffusion teacher; the student starts from the teacher's
+    EMA weights unless --init says otherwise."""
+    _run("scd", preset, data, run_dir, init, teacher, steps, batch, seed, set_, dry_run, json_out)
+
+
+def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overrides, dry_run, json_out):
+    from scmctl import config as config_mod
+
+    cfg = config_mod.resolve(preset, method, overrides, **{"train.steps": steps, "train.batch": batch,
+                                                         "train.seed": seed, "data.path": data})
+    teacher_ckpt = init_ckpt = None
+    if teacher is not None:
+        teacher_ckpt = _load_ckpt(teacher)
+        if teacher_ckpt["kind"] != "diffusion":
+            raise UsageError(f"--teacher {teacher}: is a {teacher_ckpt['kind']} model; sCD needs a "
+                             "diffusion teacher (scmctl train --objective diffusion)")
+        cfg.teacher = teacher_ckpt["path"]
+        tdata = teacher_ckpt["config"]["data"]
+        if data is None and not any(o.startswith("data.") for o in overrides):
+            cfg.data = config_mod.from_dict({"data": tdata}).data  # the teacher's data by default
+    if init is not None:
+        init_ckpt = _load_ckpt(init)
+        cfg.init = init_ckpt["path"]
+    source = init_ckpt or teacher_ckpt
+    if source is not None:  # the network must match the weights it starts from
+        net_cfg = config_mod.from_dict({"network": source["config"]["network"]}).network
+        for f in OWN_NETWORK_FIELDS:
+            setattr(net_cfg, f, getattr(cfg.network, f))
+        cfg.network = net_cfg
+        if abs(source["config"]["data"]["sigma_data"] - cfg.data.sigma_data) > 1e-12:
+            raise UsageError(f"{source['path']}: was trained with sigma_data="
+                             f"{source['config']['data']['sigma_data']}, config has {cfg.data.sigma_data}")
+
+    dataset = _fill_from_data(cfg)
+    if method == "scd" and cfg.loss.max_guidance > 1 and cfg.network.num_classes:
+        cfg.network.guidance_input = True
+    config_mod.validate(cfg)
+
+    from scmctl.nn.unet import count_parameters
+
+    params = count_parameters(cfg.network)
+    if dry_run:
+        if json_out:
+            emit_json({"config": cfg.to_dict(), "params": params})
+        else:
+            print(cfg.to_yaml(), end="")
+            console.print(f"parameters: {params:,}")
+        return
+
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{Path(preset).stem}-{method}"
+    _check_resume(run_dir, cfg)
+
+    from scmctl.training import checkpoint as ckpt_io
+    from scmctl.training.loop import train
+
+    teacher_net = None
+    if teacher_ckpt is not None:
+        teacher_net = _network_from(teacher_ckpt)
+    init_state = (init_ckpt or teacher_ckpt or {}).get("ema")
+    console.print(f"[bold]{method}[/bold] on {dataset.source}: {dataset.images.shape[0]} images "
+                  f"{tuple(dataset.images.shape[1:])}, {params:,} parameters, run directory {run_dir}")
+    labels = dataset.labels if cfg.network.num_classes else None
+    summary = train(cfg, run_dir, dataset.images, labels, teacher=teacher_net, init_state=init_state,
+                    show_progress=True)
+    last = _last_stats(run_dir)
+    summary.update({"params": params, "loss": last.get("loss")})
+    if json_out:
+        emit_json(summary)
+    else:
+        print(f"run directory: {summary['run_dir']}")
+        if summary.get("grid"):
+            print(f"sample grid: {summary['grid']}")
+        print(f"checkpoint: {summary['checkpoint']}")
+
+
+def _load_ckpt(path: str) -> dict:
+    from scmctl.training import checkpoint as ckpt_io
+
+    return ckpt_io.load(path)
+
+
+def _network_from(ckpt: dict):
+    from scmctl.training.checkpoint import network_from_checkpoint
+
+    return network_from_checkpoint(ckpt)
+
+
+def _fill_from_data(cfg):
+    """Load the dataset; network.resolution/channels/num_classes come from it where unset."""
+    from scmctl.data.datasets import load_dataset
+
+    ds = load_dataset(cfg.data.path, cfg.data.resolution)
+    n, c, h, w = ds.images.shape
+    if h != w:
+        raise UsageError(f"{ds.source}: images are {h}x{w}; scmctl trains on square images")
+    net = cfg.network
+    for key, have in (("resolution", h), ("channels", c)):
+        want = getattr(net, key)
+        if want is None:
+            setattr(net, key, have)
+        elif want != have:
+            raise UsageError(f"network.{key} is {want} but the data ({ds.source}) has {have}")
+    ncls = ds.num_classes if cfg.data.conditional else 0
+    if net.num_classes is None:
+        net.num_classes = ncls
+    elif net.num_classes != ncls:
+        raise UsageError(f"network.num_classes is {net.num_classes} but the data ({ds.source}) has {ncls} "
+                         "(set data.conditional=false for unconditional training)")
+    return ds
+
+
+def _check_resume(run_dir: Path, cfg) -> None:
+    from scmctl import config as config_mod
+
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        if run_dir.exists() and any(run_dir.glob("checkpoint-*.pt")):
+            raise UsageError(f"{run_dir}: has checkpoints but no config.yaml; use a new --run-dir")
+        return
+    import yaml
+
+    try:
+        old = config_mod.from_dict(yaml.safe_load(saved.read_text()))
+    except UsageError as e:
+        raise UsageError(f"{saved}: {e}") from None
+    changed = config_mod.diff(old, cfg, ignore=RESUMABLE_CHANGES)
+    if changed:
+        k = changed[0]
+        o = config_mod._flatten(old.to_dict())[k]
+        nw = config_mod._flatten(cfg.to_dict())[k]
+        raise UsageError(f"{run_dir} was started with a different config ({k}: {o!r} -> {nw!r}"
+                         f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); "
+                         "resume with the same options or use a new --run-dir")
+
+
+def _last_stats(run_dir: Path) -> dict:
+    import json
+
+    p = run_dir / "stats.jsonl"
+    if not p.exists():
+        return {}
+    lines = p.read_text().strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}

@@ -1,0 +1,367 @@
+"""Configuration: dataclasses for every section, YAML presets, dotted `--set` overrides, validation.
+
+A preset is a YAML file with the sections below plus an optional ``methods:`` mapping whose entries
+(``diffusion``, ``sct``, ``scd``) overlay the sections for that training method, because the paper's
+teacher and consistency-model settings differ (learning rate, P_mean/P_std, dropout, EMA, ...).
+Resolution order: dataclass defaults < preset sections < preset ``methods[method]`` < ``--set``.
+The resolved config is what ``--dry-run`` prints and what a run directory's ``config.yaml`` holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from scmctl.errors import UsageError
+
+METHODS = ("diffusion", "sct", "scd")
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None            # None/"digits": the built-in 8x8 digits, upsampled
+    resolution: Optional[int] = None      # digits: upsample to this; other data: resize to this
+    sigma_data: float = 0.5               # std of the data (images in [-1, 1], normalized latents)
+    conditional: bool = True              # use class labels when the dataset has them
+    xflip: bool = False                   # random horizontal flips (the paper uses none)
+
+
+@dataclass
+class NetworkConfig:
+    """EDM2-style magnitude-preserving U-Net with the sCM changes (SCM_NOTES §3)."""
+    resolution: Optional[int] = None      # image side; None = from the data
+    channels: Optional[int] = None        # image channels; None = from the data
+    num_classes: Optional[int] = None     # None = from the data (0 = unconditional)
+    model_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    channel_mult_emb: int = 4
+    num_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    head_channels: int = 64
+    dropout: float = 0.0
+    dropout_max_resolution: int = 0       # dropout only in blocks at resolution <= this; 0 = all
+    label_dropout: float = 0.0            # classifier-free guidance training
+    time_embedding: str = "positional"    # positional | fourier
+    time_embedding_scale: float = 1.0     # frequency multiplier on c_noise(t) = t
+    adaptive_double_norm: bool = True     # y = norm(x)·pnorm(s(t)) + pnorm(b(t)); False = EDM2 gain
+    guidance_input: bool = False          # sCD student: guidance scale s embedded like t
+    adaptive_weight_channels: int = 128            # adaptive weighting head w_φ(t)
+    attention_backend: str = "auto"       # auto | xformers | sdpa | math
+    attention_jvp: str = "auto"           # auto | chunked | fused | math
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                     # total training iterations
+    batch: int = 64                       # global batch size
+    lr: float = 1e-3                      # α_ref
+    lr_ref_steps: int = 0                 # t_ref of α(t) = α_ref/√max(t/t_ref, 1); 0 = constant
+    lr_warmup_steps: int = 0              # linear ramp-up of the learning rate
+    optimizer: str = "adam"               # adam | radam
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    eps: float = 1e-8
+    grad_clip: float = 0.0                # max global grad norm; 0 = off
+    ema_sigma_rel: float = 0.05           # power-function EMA (EDM2); 0 = use ema_halflife_images
+    ema_halflife_images: float = 0.0      # classic EMA half-life in images (CIFAR-10: 0.5M)
+    seed: int = 0
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    log_every: int = 1                    # steps between stats.jsonl lines
+    checkpoint_every: int = 500           # steps between checkpoints (and at the end)
+    grid_every: int = 500                 # steps between sample grids (and at the end); 0 = off
+    keep_checkpoints: int = 2             # newest checkpoints kept on disk; 0 = all
+
+
+@dataclass
+class LossConfig:
+    P_mean: float = -1.0                  # time proposal τ ~ N(P_mean, P_std²)
+    P_std: float = 1.4
+    tangent_warmup_steps: int = 10000     # H: r = min(1, step/H); 0 = off (r = 1)
+    tangent_norm: str = "l2"              # l2 | rms | none: g ← g/(‖g‖ + c)
+    tangent_norm_c: float = 0.1
+    adaptive_weighting: bool = True       # learned w_φ(t): e^{w}/D·‖·‖² − w
+    nan_masking: bool = True              # drop samples whose tangent or F⁻ is not finite
+    max_guidance: float = 1.0             # sCD with CFG teacher: s ~ U[1, max_guidance]
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 2                        # consistency steps (t_max, t_mid, ...)
+    t_mid: float = 1.1
+    solver: str = "heun"                  # teacher ODE solver: heun | dpm2s | euler
+    solver_steps: int = 18                # teacher: Heun 18 steps = 35 NFE
+    grid_images: int = 64                 # images in the sample grids written while training
+
+
+@dataclass
+class Config:
+    method: str = "sct"                   # diffusion | sct | scd
+    teacher: Optional[str] = None         # sCD: teacher checkpoint or run directory
+    init: Optional[str] = None            # initialize from this checkpoint's EMA weights
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES = {
+    "method": METHODS,
+    "network.time_embedding": ("positional", "fourier"),
+    "network.attention_backend": ("auto", "xformers", "sdpa", "math"),
+    "network.attention_jvp": ("auto", "chunked", "fused", "math"),
+    "train.optimizer": ("adam", "radam"),
+    "loss.tangent_norm": ("l2", "rms", "none"),
+    "sample.solver": ("heun", "dpm2s", "euler"),
+}
+
+
+# ------------------------------------------------------------------------- schema helpers ------
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema, e.g. 'train.lr'."""
+    keys = []
+    hints = _hints(cls)
+    for name in _fields(cls):
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, prefix + name + ".")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown(key: str) -> UsageError:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.4)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return UsageError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert a YAML value to the schema type of `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    bad = UsageError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if origin is list:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(key, v, args[0]) for v in value]
+    raise bad
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or null"
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _apply(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
+    """Recursively apply a nested mapping onto a dataclass instance, with type checks."""
+    if not isinstance(mapping, dict):
+        raise UsageError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = _hints(type(obj))
+    fields = _fields(type(obj))
+    for name, value in mapping.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise _unknown(key)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(obj, name), value or {}, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, tp))
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key (typed by the schema)."""
+    parts = key.split(".")
+    obj = cfg
+    for i, p in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or p not in _fields(type(obj)):
+            raise _unknown(key)
+        if i == len(parts) - 1:
+            tp = _hints(type(obj))[p]
+            if dataclasses.is_dataclass(tp):
+                raise UsageError(f"config key '{key}' is a section; set one of its fields, "
+                                 f"e.g. '{key}.{next(iter(_fields(tp)))}'")
+            setattr(obj, p, _coerce(key, value, tp))
+        else:
+            obj = getattr(obj, p)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-4' -> ('train.lr', 1e-4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise UsageError(f"--set expects key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    cfg = Config()
+    _apply(cfg, d)
+    return cfg
+
+
+# ------------------------------------------------------------------------------ presets ---------
+
+def preset_names() -> list[str]:
+    root = resources.files("scmctl.presets")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset by name (presets/NAME.yaml) or a YAML file path, as a raw mapping."""
+    p = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or p.exists():
+        if not p.is_file():
+            raise UsageError(f"{name_or_path}: no such preset file")
+        text = p.read_text()
+        where = str(p)
+    else:
+        res = resources.files("scmctl.presets") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            names = preset_names()
+            near = difflib.get_close_matches(name_or_path, names, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise UsageError(f"unknown preset '{name_or_path}' (available: {', '.join(names)}){hint}")
+        text = res.read_text()
+        where = f"preset {name_or_path}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{where}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: a preset must be a YAML mapping")
+    return data
+
+
+def resolve(preset: str, method: str, overrides: list[str] = (), **fields: Any) -> Config:
+    """Build the resolved config for `method` from a preset, keyword fields and `--set` overrides."""
+    if method not in METHODS:
+        raise UsageError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    raw = read_preset(preset)
+    methods = raw.pop("methods", {}) or {}
+    if not isinstance(methods, dict) or any(k not in METHODS for k in methods):
+        raise UsageError(f"preset '{preset}': 'methods' may only have the keys {', '.join(METHODS)}")
+    cfg = Config()
+    _apply(cfg, raw)
+    _apply(cfg, methods.get(method) or {})
+    cfg.method = method
+    for k, v in fields.items():
+        if v is not None:
+            set_key(cfg, k, v)
+    for text in overrides:
+        set_key(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Choice fields and ranges; one clear message for the first problem found."""
+    for key, choices in CHOICES.items():
+        obj = cfg
+        for p in key.split("."):
+            obj = getattr(obj, p)
+        if obj not in choices:
+            raise UsageError(f"config key '{key}' must be one of {', '.join(choices)}, got '{obj}'")
+    t = cfg.train
+    for key, val, lo in [("train.steps", t.steps, 0), ("train.batch", t.batch, 1),
+                         ("sample.steps", cfg.sample.steps, 1),
+                         ("sample.solver_steps", cfg.sample.solver_steps, 1),
+                         ("network.model_channels", cfg.network.model_channels, 1),
+                         ("network.num_blocks", cfg.network.num_blocks, 1),
+                         ("train.log_every", t.log_every, 1),
+                         ("train.checkpoint_every", t.checkpoint_every, 1)]:
+        if val < lo:
+            raise UsageError(f"config key '{key}' must be >= {lo}, got {val}")
+    if not cfg.network.channel_mult:
+        raise UsageError("config key 'network.channel_mult' must not be empty")
+    if not 0 <= cfg.network.dropout < 1 or not 0 <= cfg.network.label_dropout < 1:
+        raise UsageError("dropout rates must be in [0, 1)")
+    if t.lr <= 0:
+        raise UsageError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if cfg.loss.max_guidance < 1:
+        raise UsageError("config key 'loss.max_guidance' must be >= 1")
+    if cfg.data.sigma_data <= 0:
+        raise UsageError("config key 'data.sigma_data' must be > 0")
+    if not 0 < cfg.sample.t_mid < 1.5707963:
+        raise UsageError(f"config key 'sample.t_mid' must be in (0, π/2), got {cfg.sample.t_mid}")
+
+
+def diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    return [k for k in fa if fa[k] != fb.get(k) and not any(k.startswith(i) for i in ignore)]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out

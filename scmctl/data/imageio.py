@@ -1,0 +1,102 @@
+"""Reading and writing image files: PNG folders in, PNG files and grids out.
+
+Conventions: images on disk and in arrays are uint8 HWC (C = 1 or 3); tensors in the model are
+float NCHW in [-1, 1]. :func:`to_uint8` is the one quantizer used everywhere (samples, grids, FID).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from scmctl.errors import UsageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def list_image_files(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Sorted image files under ``root``; a missing or image-less folder is a UsageError."""
+    root = Path(root)
+    if not root.exists():
+        raise UsageError(f"{root}: no such file or directory")
+    if not root.is_dir():
+        raise UsageError(f"{root}: expected a folder of images")
+    it = root.rglob("*") if recursive else root.iterdir()
+    files = sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not p.name.startswith("."))
+    if not files:
+        raise UsageError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) found")
+    return files
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One image as uint8 HWC with C = 1 (grayscale) or 3 (RGB); unreadable files are UsageErrors."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("L", "1", "I;16", "I", "F"):
+                arr = np.asarray(im.convert("L"))[:, :, None]
+            else:
+                arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UsageError(f"{path}: cannot read image ({e.__class__.__name__})") from None
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write uint8 HWC (or HW) as PNG atomically: a half-written file never has the final name."""
+    from PIL import Image
+
+    path = Path(path)
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(arr).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def to_uint8(x):
+    """Float NCHW tensor in [-1, 1] -> uint8 NHWC numpy array (round to nearest, clamp)."""
+    import torch
+
+    y = (x.detach().float() * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+    return y.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray):
+    """uint8 NHWC numpy array -> float32 NCHW tensor in [-1, 1]."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return t / 127.5 - 1.0
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile uint8 NHWC images into one uint8 HWC image (near-square by default)."""
+    n, h, w, c = images.shape
+    ncol = ncol or max(1, math.ceil(math.sqrt(n)))
+    nrow = math.ceil(n / ncol)
+    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, x:x + w] = images[i]
+    return grid
+
+
+def save_grid(path: str | os.PathLike, images: np.ndarray, ncol: int | None = None) -> None:
+    """Write a grid of uint8 NHWC images as one PNG (atomically)."""
+    write_png(path, make_grid(images, ncol))

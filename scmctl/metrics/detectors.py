@@ -1,0 +1,236 @@
+"""Feature detectors for FID (and later KID, precision/recall): uint8 images in, (N, D) features out.
+
+A :class:`Detector` takes a uint8 NCHW tensor (1 or 3 channels; grayscale is repeated to RGB) and
+returns float32 (N, D) features on the CPU. Two kinds exist:
+
+- :class:`InceptionDetector`: clean-fid's TF-Inception (pool3, 2048-d), built offline from a local
+  ``inception-2015-12-05.pt`` (see :func:`find_inception_weights`; nothing is ever downloaded).
+  ``legacy_tensorflow`` feeds the uint8 images at native size to the network, which resizes inside
+  (what EDM and sCM report); ``clean`` first resizes each channel to 299×299 with PIL bicubic in
+  float (clean-fid's own resizer) and feeds the network without its internal resize.
+- :class:`TorchScriptDetector`: any TorchScript module mapping uint8 NCHW (3 channels) to (N, D)
+  features, fed at native size (mode ``native``): for offline use and other domains.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scmctl.errors import UsageError
+
+INCEPTION_FILE = "inception-2015-12-05.pt"
+INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+                 + INCEPTION_FILE)
+INCEPTION_MODES = ("legacy_tensorflow", "clean")
+DEFAULT_INCEPTION_MODE = "legacy_tensorflow"
+NATIVE_MODE = "native"
+
+# Where clean-fid itself downloads the weights (read-only use; a module attribute so tests can
+# switch the fallback off and never touch the real path).
+CLEANFID_WEIGHT_DIRS: tuple[str, ...] = ("./",) if platform.system() == "Windows" else ("/tmp",)
+
+
+def cache_dir() -> Path:
+    """scmctl's cache folder: ``$SCMCTL_CACHE``, default ``~/.cache/scmctl``."""
+    return Path(os.environ.get("SCMCTL_CACHE") or "~/.cache/scmctl").expanduser()
+
+
+def inception_weight_candidates() -> list[Path]:
+    """Where :func:`find_inception_weights` looks, in order (after ``--inception-weights``)."""
+    return [cache_dir() / INCEPTION_FILE] + [Path(d) / INCEPTION_FILE for d in CLEANFID_WEIGHT_DIRS]
+
+
+def find_inception_weights(explicit: str | os.PathLike | None = None) -> Path:
+    """The local Inception weights file; a UsageError (one line, no network access) if absent.
+
+    ``explicit`` (``--inception-weights``) may be the file itself or a folder holding it.
+    """
+    if explicit is not None:
+        p = Path(explicit).expanduser()
+        if p.is_dir():
+            p = p / INCEPTION_FILE
+        if not p.is_file():
+            raise UsageError(f"--inception-weights {explicit}: no such file (expected {INCEPTION_FILE}, "
+                             f"from {INCEPTION_URL})")
+        return p
+    for p in inception_weight_candidates():
+        if p.is_file():
+            return p
+    raise UsageError(f"Inception weights {INCEPTION_FILE} not found: download {INCEPTION_URL} and put it "
+                     f"in {cache_dir()}/ (or set SCMCTL_CACHE=DIR, or pass --inception-weights FILE)")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` = CUDA when available, else CPU; an unusable device is a UsageError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    return dev
+
+
+def _load_torchscript(path: Path, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in torch 2.9+
+        return torch.jit.load(str(path), map_location=map_location)
+
+
+class Detector:
+    """Base class: ``features(uint8 NCHW) -> float32 (N, D)`` on the CPU.
+
+    Subclasses set ``name`` and ``mode`` and implement :meth:`_features` on 3-channel uint8 images
+    already on ``self.device``. ``feature_dim`` is known up front or after the first batch.
+    """
+
+    name: str = "detector"
+    mode: str = NATIVE_MODE
+    feature_dim: int | None = None
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of a batch of uint8 NCHW images (C = 1 or 3), as float32 (N, D) on the CPU."""
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("Detector.features expects a uint8 NCHW tensor")
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        elif images.shape[1] != 3:
+            raise UsageError(f"images have {images.shape[1]} channels; expected 1 (grayscale) or 3 (RGB)")
+        n = images.shape[0]
+        with torch.no_grad():
+            f = self._features(images.contiguous().to(self.device))
+        if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.shape[0] != n:
+            shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+            raise UsageError(f"detector {self.name} returned {shape} for {n} images; expected (N, D) features")
+        if self.feature_dim is None:
+            self.feature_dim = int(f.shape[1])
+        elif f.shape[1] != self.feature_dim:
+            raise UsageError(f"detector {self.name} returned {f.shape[1]}-d features after {self.feature_dim}-d ones")
+        f = f.detach().float().cpu()
+        if not torch.isfinite(f).all():
+            raise UsageError(f"detector {self.name} returned non-finite features")
+        return f
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.mode})"
+
+
+class TorchScriptDetector(Detector):
+    """A user's TorchScript module: uint8 NCHW (3 channels) at native size -> (N, D) features."""
+
+    mode = NATIVE_MODE
+
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+        super().__init__(device)
+        self.path = Path(path)
+        self.name = str(path)
+        if not self.path.is_file():
+            raise UsageError(f"--detector {path}: no such file (use 'inception' or a TorchScript .pt file)")
+        try:
+            module = _load_torchscript(self.path)
+        except Exception as e:  # zip/format errors come as RuntimeError, others vary
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise UsageError(f"--detector {path}: not a TorchScript module ({first}); save one with "
+                             "torch.jit.script(model).save(path)") from None
+        self.module = module.to(self.device).eval()
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.module(images)
+        except torch.OutOfMemoryError:
+            raise UsageError(f"detector {self.name} ran out of memory on a batch of {images.shape[0]} "
+                             "images: lower --batch") from None
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise UsageError(f"detector {self.name} failed on uint8 images of shape {tuple(images.shape)}: "
+                             f"{first}") from None
+
+
+class InceptionDetector(Detector):
+    """clean-fid's TF-Inception pool3 features (2048-d) in ``legacy_tensorflow`` or ``clean`` mode.
+
+    Built from clean-fid's ``InceptionV3W(path, download=False, resize_inside=...)`` on a local
+    weights file, so clean-fid's download code (hard-coded /tmp, no timeout) is never reached.
+    """
+
+    name = "inception"
+    feature_dim = 2048
+
+    def __init__(self, weights: str | os.PathLike, mode: str = DEFAULT_INCEPTION_MODE,
+                 device: str | torch.device = "cpu", workers: int | None = None):
+        super().__init__(device)
+        if mode not in INCEPTION_MODES:
+            raise UsageError(f"--mode {mode}: expected one of {', '.join(INCEPTION_MODES)}")
+        self.mode = mode
+        self.weights = Path(weights)
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        from cleanfid.inception_torchscript import InceptionV3W  # lazy: clean-fid is only for eval
+
+        folder = self.weights.parent
+        tmp = None
+        if self.weights.name != INCEPTION_FILE:  # InceptionV3W wants the canonical name in a folder
+            tmp = tempfile.TemporaryDirectory(prefix="scmctl-inception-")
+            os.symlink(self.weights.resolve(), Path(tmp.name) / INCEPTION_FILE)
+            folder = Path(tmp.name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                net = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow"))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise UsageError(f"cannot load Inception weights {self.weights} ({first}): the file may be "
+                             f"truncated; delete it and download {INCEPTION_URL} again") from None
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
+        self.net = net.to(self.device).eval()
+        self._resize = None
+        if mode == "clean":
+            from cleanfid.resize import build_resizer
+
+            self._resize = build_resizer("clean")  # PIL bicubic on float channels, 299x299, clipped
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.mode == "legacy_tensorflow":
+            # Values 0..255 as float; the TorchScript graph resizes to 299 and normalizes inside.
+            return self.net(images.float())
+        hwc = images.permute(0, 2, 3, 1).cpu().numpy()
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            resized = list(pool.map(self._resize, list(hwc)))
+        x = torch.from_numpy(np.stack(resized).astype(np.float32, copy=False)).permute(0, 3, 1, 2)
+        return self.net(x.contiguous().to(self.device))
+
+
+def load_detector(spec: str, mode: str | None = None, device: str | torch.device = "cpu",
+                  inception_weights: str | os.PathLike | None = None) -> Detector:
+    """``spec`` = ``inception`` or the path of a TorchScript module; ``mode`` is Inception-only.
+
+    The weights lookup (and its one-line error) happens before clean-fid is imported.
+    """
+    if spec == "inception":
+        mode = mode or DEFAULT_INCEPTION_MODE
+        if mode not in INCEPTION_MODES:
+            raise UsageError(f"--mode {mode}: expected one of {', '.join(INCEPTION_MODES)}")
+        return InceptionDetector(find_inception_weights(inception_weights), mode=mode, device=device)
+    if mode is not None:
+        raise UsageError(f"--mode {mode} applies to --detector inception only; a TorchScript detector "
+                         "gets uint8 images at native size")
+    if inception_weights is not None:
+        raise UsageError("--inception-weights applies to --detector inception only")
+    return TorchScriptDetector(spec, device=device)

@@ -1,0 +1,110 @@
+"""Magnitude-preserving layers (EDM2, Karras et al. 2024) with the sCM changes (Lu & Song 2025 §4.1).
+
+Everything here is written with plain tensor ops (no nn.GroupNorm/LayerNorm) so that
+``torch.func.jvp`` and ``torch.compile`` work through it, and weight normalization is functional:
+forward never modifies a parameter in place (the network is called twice per sCM step). The
+"forced" weight normalization of EDM2 is a separate step, :meth:`MPConv.renormalize_`, that the
+training loop runs after each optimizer update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-4) -> torch.Tensor:
+    """x / √(mean(x², dim) + eps): unit RMS along `dim` (channels), statistics in >= fp32."""
+    return x * torch.rsqrt(_at_least_fp32(x).square().mean(dim=dim, keepdim=True) + eps).to(x.dtype)
+
+
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU scaled to preserve unit magnitude for unit-Gaussian inputs."""
+    return F.silu(x) / 0.596
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    """Magnitude-preserving interpolation ((1−t)·a + t·b)/√((1−t)² + t²)."""
+    return (a * (1 - t) + b * t) / math.sqrt((1 - t) ** 2 + t ** 2)
+
+
+def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
+    """Magnitude-preserving concatenation with relative weight t for b."""
+    na, nb = a.shape[dim], b.shape[dim]
+    c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
+    return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=dim)
+
+
+def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """'down': 2×2 box filter; 'up': nearest-neighbour ×2; 'keep': identity."""
+    if mode == "down":
+        return F.avg_pool2d(x, 2)
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return x
+
+
+class MPConv(nn.Module):
+    """Convolution (kernel k) or linear layer (k = 0) with weights normalized to unit norm per
+    output unit on every forward (functionally), so the layer preserves magnitude."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 0):
+        super().__init__()
+        self.out_channels = out_channels
+        shape = (out_channels, in_channels) + ((kernel, kernel) if kernel else ())
+        self.weight = nn.Parameter(torch.randn(shape))
+
+    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
+        w = _at_least_fp32(self.weight)
+        fan_in = w[0].numel()
+        w = w / (w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.ndim - 1))) + 1e-4 * math.sqrt(fan_in))
+        w = (w * gain).to(x.dtype)
+        if w.ndim == 2:
+            return x @ w.t()
+        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+    @torch.no_grad()
+    def renormalize_(self) -> None:
+        """EDM2's forced weight normalization: rescale each output unit to RMS 1 in place."""
+        w = self.weight
+        rms = w.float().flatten(1).square().mean(dim=1).sqrt().reshape(-1, *([1] * (w.ndim - 1)))
+        w.copy_((_at_least_fp32(w) / (rms + 1e-4)).to(w.dtype))
+
+
+class TimeEmbedding(nn.Module):
+    """Embedding of c_noise(t) = t, computed in float32 even under autocast (SCM_NOTES §3).
+
+    'positional': sinusoids at frequencies scale·10000^(−i/half) (Transformer/DDPM style);
+    'fourier': random Fourier features cos(2π·scale·f·t + φ), f ~ N(0, 1) (fixed buffers).
+    Output has unit RMS per sample.
+    """
+
+    def __init__(self, channels: int, kind: str = "positional", scale: float = 1.0, seed: int = 0):
+        super().__init__()
+        self.kind, self.scale, self.channels = kind, float(scale), channels
+        if kind == "positional":
+            half = channels // 2
+            freqs = scale * (1.0 / 10000) ** (torch.arange(half, dtype=torch.float64) / half)
+            self.register_buffer("freqs", freqs.float(), persistent=False)
+        else:
+            g = np.random.RandomState(seed)  # fixed features, same on every process
+            self.register_buffer("freqs", torch.from_numpy(2 * np.pi * scale * g.randn(channels)).float(),
+                                 persistent=False)
+            self.register_buffer("phases", torch.from_numpy(2 * np.pi * g.rand(channels)).float(),
+                                 persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            t = _at_least_fp32(t).reshape(-1, 1)
+            if self.kind == "positional":
+                a = t * self.freqs.to(t.dtype)
+                return torch.cat([a.cos(), a.sin()], dim=1) * math.sqrt(2)
+            return (t * self.freqs.to(t.dtype) + self.phases.to(t.dtype)).cos() * math.sqrt(2)

@@ -1,0 +1,173 @@
+"""Samplers (SCM_NOTES §5): consistency 1/2/K-step, refine, and teacher ODE solvers in TrigFlow.
+
+Image k of a sampling run uses its own generator seeded with `seed + k` (EDM's "seeds 0-49999"),
+from which it draws, in this order, its class label (conditional models) and then one noise image
+per sampling step. So an image depends only on the seed and k, never on the batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from scmctl import trigflow
+from scmctl.errors import UsageError
+
+
+def per_image_draws(seeds: Sequence[int], shape: tuple[int, ...], num_noises: int,
+                    num_classes: int, device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Noises (num_noises, B, *shape) ~ N(0, I) and labels (B,) drawn from per-image generators."""
+    noises, labels = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        if num_classes:
+            labels.append(int(torch.randint(num_classes, (1,), generator=g)))
+        noises.append(torch.randn((num_noises, *shape), generator=g))
+    z = torch.stack(noises, dim=1).to(device)
+    lab = torch.tensor(labels, dtype=torch.long, device=device) if num_classes else None
+    return z, lab
+
+
+class Velocity:
+    """F(x_t/σ_d, t) for sampling, with classifier-free guidance where the model takes it:
+    a student with a guidance input gets s directly; a conditional teacher gets
+    F_u + s·(F_c − F_u) (2 evaluations); unconditional models ignore s."""
+
+    def __init__(self, net, sigma_data: float, labels: Optional[torch.Tensor], guidance: float = 1.0):
+        self.net, self.sigma_data, self.labels, self.guidance = net, sigma_data, labels, guidance
+        self.nfe = 0
+        self.takes_guidance = getattr(net, "emb_guidance", None) is not None
+
+    @torch.no_grad()
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        n = x_t.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1).expand(n)
+        x = x_t / self.sigma_data
+        self.nfe += 1
+        if self.takes_guidance:
+            g = torch.full((n,), float(self.guidance), device=x_t.device)
+            return self.net(x, t, self.labels, g)
+        F_c = self.net(x, t, self.labels)
+        if self.guidance == 1.0 or self.labels is None:
+            return F_c
+        F_u = self.net(x, t, torch.zeros(n, self.net.num_classes, device=x_t.device))
+        return F_u + self.guidance * (F_c - F_u)
+
+
+def consistency_times(steps: int, t_max: float, t_mid: float = 1.1,
+                      ts: Optional[Sequence[float]] = None) -> list[float]:
+    """The times of a K-step consistency sampler: [t_max] (1 step), [t_max, t_mid] (2 steps), or
+    t_max followed by an explicit decreasing list."""
+    if ts:
+        times = [float(x) for x in ts]
+        if times[0] > t_max + 1e-6:
+            raise UsageError(f"--ts: times must be <= t_max = {t_max:.4f}")
+        if any(b >= a for a, b in zip(times, times[1:])) or times[-1] <= 0:
+            raise UsageError("--ts: times must be positive and strictly decreasing")
+        return times
+    if steps == 1:
+        return [t_max]
+    if steps == 2:
+        return [t_max, t_mid]
+    # K > 2 without an explicit list: t_max, then K−1 times evenly spaced in (0, t_mid]
+    return [t_max] + [t_mid * (steps - 1 - i) / (steps - 1) for i in range(steps - 1)]
+
+
+@torch.no_grad()
+def consistency_sample(vel: Velocity, noises: torch.Tensor, times: Sequence[float],
+                       sigma_data: float) -> torch.Tensor:
+    """x0 = f(σ_d z₀, t₁); then for each later t: x = cos t·x0 + sin t·σ_d z_i, x0 = f(x, t)."""
+    x = noises[0] * sigma_data
+    x0 = None
+    for i, t in enumerate(times):
+        if i > 0:
+            x = math.cos(t) * x0 + math.sin(t) * sigma_data * noises[i]
+        x0 = trigflow.denoise(x, torch.full((x.shape[0],), t, device=x.device), vel(x, t), sigma_data)
+    return x0
+
+
+@torch.no_grad()
+def ode_sample(vel: Velocity, x: torch.Tensor, times: torch.Tensor, sigma_data: float,
+               solver: str = "heun") -> torch.Tensor:
+    """Solve the PF-ODE dx/dt = σ_d·F(x/σ_d, t) along decreasing `times` (ending at 0).
+
+    heun:  EDM's Heun (2nd order; the last step to t = 0 is 1st order): 2N−1 evaluations.
+    dpm2s: DPM-Solver-2S in TrigFlow: the exact-for-constant-F step (DDIM) to the midpoint in t,
+           then the full step with the midpoint velocity: 2N evaluations.
+    euler: the TrigFlow DDIM step x_t = cos(s−t)·x_s − sin(s−t)·σ_d·F(x_s, s): N evaluations.
+    """
+    times = [float(t) for t in times]
+    for s, t in zip(times[:-1], times[1:]):
+        F_s = vel(x, s)
+        if solver == "euler":
+            x = _ddim(x, s, t, F_s, sigma_data)
+        elif solver == "dpm2s":
+            m = 0.5 * (s + t)
+            x_m = _ddim(x, s, m, F_s, sigma_data)
+            x = _ddim(x, s, t, vel(x_m, m), sigma_data)
+        elif solver == "heun":
+            d_s = sigma_data * F_s
+            x_next = x + (t - s) * d_s
+            if t > 0:
+                d_t = sigma_data * vel(x_next, t)
+                x_next = x + (t - s) * 0.5 * (d_s + d_t)
+            x = x_next
+        else:
+            raise UsageError(f"unknown solver '{solver}' (choose heun, dpm2s or euler)")
+    return x
+
+
+def _ddim(x, s: float, t: float, F, sigma_data: float):
+    return math.cos(s - t) * x - math.sin(s - t) * sigma_data * F
+
+
+def teacher_times(steps: int, sigma_data: float, t_start: Optional[float] = None) -> torch.Tensor:
+    """EDM's ρ=7 σ grid (σ_max = 80, or σ_d·tan(t_start) for refinement) mapped to TrigFlow t,
+    ending at 0."""
+    sigma_max = trigflow.SIGMA_MAX_EDM if t_start is None else sigma_data * math.tan(t_start)
+    return trigflow.edm_time_grid(steps, sigma_data, sigma_max=sigma_max, sigma_min=min(0.002, sigma_max))
+
+
+@torch.no_grad()
+def generate(net, kind: str, seeds: Sequence[int], shape: tuple[int, ...], sigma_data: float,
+             steps: int, t_mid: float = 1.1, ts: Optional[Sequence[float]] = None,
+             solver: str = "heun", labels: Optional[torch.Tensor] = None, guidance: float = 1.0,
+             device="cpu") -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Images (float, data space) for `seeds`; returns (x0, labels, network evaluations per batch)."""
+    num_classes = getattr(net, "num_classes", 0)
+    tmax = trigflow.t_max(sigma_data)
+    if kind == "consistency":
+        times = consistency_times(steps, tmax, t_mid, ts)
+        noises, drawn = per_image_draws(seeds, shape, len(times), num_classes, device)
+    else:
+        noises, drawn = per_image_draws(seeds, shape, 1, num_classes, device)
+    lab = labels if labels is not None else drawn
+    vel = Velocity(net, sigma_data, lab, guidance)
+    if kind == "consistency":
+        x0 = consistency_sample(vel, noises, times, sigma_data)
+    else:
+        times_t = teacher_times(steps, sigma_data)
+        x0 = ode_sample(vel, noises[0] * sigma_data * math.sin(tmax), times_t, sigma_data, solver)
+    return x0, lab, vel.nfe
+
+
+@torch.no_grad()
+def refine(net, kind: str, x0: torch.Tensor, seeds: Sequence[int], times: Sequence[float],
+           sigma_data: float, solver: str = "heun", solver_steps: int = 18,
+           labels: Optional[torch.Tensor] = None, guidance: float = 1.0) -> torch.Tensor:
+    """Re-noise given images to each t in `times` in turn and denoise them: one consistency step
+    (consistency models) or an ODE solve from t to 0 (diffusion models). Noise per image from
+    `seeds` as in :func:`generate`."""
+    num_classes = getattr(net, "num_classes", 0)
+    noises, drawn = per_image_draws(seeds, tuple(x0.shape[1:]), len(times), num_classes, x0.device)
+    lab = labels if labels is not None else (drawn if num_classes else None)
+    vel = Velocity(net, sigma_data, lab, guidance)
+    for i, t in enumerate(times):
+        x = math.cos(t) * x0 + math.sin(t) * sigma_data * noises[i]
+        if kind == "consistency":
+            x0 = trigflow.denoise(x, torch.full((x.shape[0],), t, device=x.device), vel(x, t), sigma_data)
+        else:
+            x0 = ode_sample(vel, x, teacher_times(solver_steps, sigma_data, t_start=t), sigma_data, solver)
+    return x0

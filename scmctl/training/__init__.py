@@ -1,0 +1,1 @@
+"""The training loop shared by `train` and `distill`, EMA, checkpoints."""

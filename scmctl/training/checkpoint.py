@@ -1,0 +1,128 @@
+"""Checkpoints: state dicts plus the resolved config, written atomically, loaded without pickle code.
+
+A checkpoint is a `torch.save`d dict of tensors and plain Python values:
+    {"format": "scmctl-checkpoint", "version": 1, "kind": "consistency" | "diffusion",
+     "step": int, "config": dict, "net": state_dict, "ema": state_dict,
+     "optimizer": state_dict, "rng": {...}}
+It is loaded with ``torch.load(weights_only=True)``: a file that carries any other pickled object
+(code payloads included) is refused before anything in it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scmctl.errors import UsageError
+
+FORMAT = "scmctl-checkpoint"
+VERSION = 1
+CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A run directory's checkpoints, oldest first."""
+    run_dir = Path(run_dir)
+    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*.pt") if (m := CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest(run_dir: str | os.PathLike) -> Path | None:
+    c = checkpoints(run_dir)
+    return c[-1] if c else None
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory's latest checkpoint."""
+    p = Path(path)
+    if p.is_dir():
+        c = latest(p)
+        if c is None:
+            raise UsageError(f"{p}: run directory has no checkpoint-*.pt yet")
+        return c
+    if not p.exists():
+        raise UsageError(f"{p}: no such checkpoint or run directory")
+    return p
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely (weights_only); any non-scmctl or unsafe file is a UsageError."""
+    p = resolve_path(path)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"{p}: refused to load: the file holds pickled objects other than tensors "
+                         f"and plain data ({first[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UsageError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0][:160] if str(e) else e.__class__.__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UsageError(f"{p}: not an scmctl checkpoint")
+    if ckpt.get("version", 0) > VERSION:
+        raise UsageError(f"{p}: checkpoint version {ckpt.get('version')} is newer than this scmctl")
+    ckpt["path"] = str(p)
+    return ckpt
+
+
+def load_state(module: torch.nn.Module, state: dict, where: str, allow_missing: tuple[str, ...] = ()) -> None:
+    """Load a state dict strictly; a checkpoint of another architecture is a clear UsageError.
+    Keys starting with a prefix in `allow_missing` may be absent (e.g. a student's guidance input)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise UsageError(f"{where}: checkpoint is for a different network architecture: " + "; ".join(parts))
+    module.load_state_dict(state, strict=False)
+
+
+def prune(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep = 0: keep all)."""
+    if keep <= 0:
+        return
+    for p in checkpoints(run_dir)[:-keep]:
+        p.unlink(missing_ok=True)
+
+
+def network_from_checkpoint(ckpt: dict, weights: str = "ema", device: str | torch.device = "cpu"):
+    """Build the checkpoint's network (from its saved config) with its EMA (or raw) weights, in
+    eval mode without gradients."""
+    from scmctl.config import from_dict
+    from scmctl.nn.unet import build_network
+
+    cfg = from_dict(ckpt["config"])
+    net = build_network(cfg.network, device)
+    if weights not in ("ema", "raw"):
+        raise UsageError(f"--weights must be 'ema' or 'raw', got '{weights}'")
+    load_state(net, ckpt["ema" if weights == "ema" else "net"], ckpt.get("path", "checkpoint"))
+    return net.eval().requires_grad_(False)

@@ -1,0 +1,279 @@
+"""The command line end to end on a shrunken tiny preset, resume, checkpoints and bad input."""
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from scmctl.cli import main
+
+# The tiny preset shrunk further so the whole lifecycle runs in seconds on 2 CPU cores.
+SMALL = ["--set", "data.resolution=8", "--set", "network.model_channels=16",
+         "--set", "network.attn_resolutions=[4]", "--set", "network.head_channels=16",
+         "--set", "train.checkpoint_every=2", "--set", "train.grid_every=3",
+         "--set", "sample.grid_images=4", "--set", "sample.solver_steps=3",
+         "--batch", "8", "--steps", "3"]
+
+
+def run(capsys, *args):
+    """Run `scmctl ARGS` in-process: (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_json(out: str) -> dict:
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def assert_bad_input(code, err, *needles):
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    """A stand-in TorchScript feature extractor: uint8 NCHW -> (N, 16) float features."""
+    class Feat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            self.register_buffer("proj", torch.randn(3 * 4 * 4, 16, generator=g))
+
+        def forward(self, x):
+            x = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4)
+            return x.flatten(1) @ self.proj
+
+    path = tmp_path_factory.mktemp("det") / "feat.pt"
+    torch.jit.script(Feat()).save(str(path))
+    return path
+
+
+def test_lifecycle_train_sample_distill_sct_refine_eval(tmp_path, capsys, detector):
+    teacher = tmp_path / "teacher"
+    code, out, err = run(capsys, "train", "--objective", "diffusion", "--run-dir", teacher, *SMALL, "--json")
+    assert code == 0, err
+    summ = one_json(out)
+    assert summ["steps"] == 3 and Path(summ["checkpoint"]).exists() and Path(summ["grid"]).exists()
+    stats = [json.loads(ln) for ln in (teacher / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [1, 2, 3] and all(np.isfinite(s["loss"]) for s in stats)
+    cfg = yaml.safe_load((teacher / "config.yaml").read_text())
+    assert cfg["method"] == "diffusion" and cfg["network"]["resolution"] == 8
+
+    # teacher sampling: Heun with 3 steps = 5 network evaluations
+    code, out, err = run(capsys, "sample", teacher, "-n", 5, "--steps", 3, "--batch", 2, "--json")
+    assert code == 0, err
+    s = one_json(out)
+    assert s["count"] == 5 and s["nfe"] == 5 and s["kind"] == "diffusion"
+    files = sorted((teacher / "samples").glob("*.png"))
+    assert [f.name for f in files] == [f"{i:06d}.png" for i in range(5)]
+
+    student = tmp_path / "scd"
+    code, out, err = run(capsys, "distill", "--teacher", teacher, "--run-dir", student, *SMALL, "--json")
+    assert code == 0, err
+    assert yaml.safe_load((student / "config.yaml").read_text())["method"] == "scd"
+    st = [json.loads(ln) for ln in (student / "stats.jsonl").read_text().splitlines()]
+    assert all("tangent_warmup" in r and "masked" in r for r in st)
+
+    sct = tmp_path / "sct"
+    code, out, err = run(capsys, "train", "--init", teacher, "--run-dir", sct, *SMALL, "--json")
+    assert code == 0, err
+
+    for steps, nfe in ((1, 1), (2, 2)):
+        out_dir = tmp_path / f"s{steps}"
+        code, out, err = run(capsys, "sample", sct, "-n", 6, "--steps", steps, "--out", out_dir,
+                             "--grid", tmp_path / f"g{steps}.png", "--json")
+        assert code == 0, err
+        s = one_json(out)
+        assert s["nfe"] == nfe and s["kind"] == "consistency" and (tmp_path / f"g{steps}.png").exists()
+        assert len(list(out_dir.glob("*.png"))) == 6
+    code, out, err = run(capsys, "sample", sct, "-n", 2, "--ts", "1.5,0.8,0.3", "--out", tmp_path / "s3", "--json")
+    assert code == 0 and one_json(out)["nfe"] == 3
+
+    code, out, err = run(capsys, "refine", sct, tmp_path / "s1", "--t", 0.8, "--t", 0.4,
+                         "--out", tmp_path / "refined", "--json")
+    assert code == 0, err
+    r = one_json(out)
+    assert r["count"] == 6 and r["t"] == [0.8, 0.4]
+    assert sorted(p.name for p in (tmp_path / "refined").glob("*.png")) == sorted(p.name for p in (tmp_path / "s1").glob("*.png"))
+
+    code, out, err = run(capsys, "eval", "fid", tmp_path / "s1", "--ref", tmp_path / "s2",
+                         "--detector", detector, "--allow-small", "--json")
+    assert code == 0, err
+    f = one_json(out)
+    assert f["metric"] == "fid" and f["n"] == 6 and f["value"] >= 0 and np.isfinite(f["value"])
+    code, out, err = run(capsys, "eval", "fid", tmp_path / "s1", "--ref", tmp_path / "s1",
+                         "--detector", detector, "--allow-small", "--json")
+    assert code == 0 and abs(one_json(out)["value"]) < 1e-6
+
+
+def _stats(run_dir):
+    return [json.loads(ln) for ln in (Path(run_dir) / "stats.jsonl").read_text().splitlines()]
+
+
+def _strip(rec):
+    return {k: v for k, v in rec.items() if k not in ("images_per_s",)}
+
+
+def test_resume_is_bit_exact(tmp_path, capsys):
+    args = [*SMALL, "--set", "train.keep_checkpoints=0", "--set", "train.grid_every=0"]
+    full = tmp_path / "full"
+    assert run(capsys, "train", "--run-dir", full, *args, "--steps", 6)[0] == 0
+    # a run stopped after 3 steps, continued by re-running with the same run directory
+    part = tmp_path / "part"
+    assert run(capsys, "train", "--run-dir", part, *args, "--steps", 3)[0] == 0
+    assert run(capsys, "train", "--run-dir", part, *args, "--steps", 6)[0] == 0
+    assert [_strip(r) for r in _stats(full)] == [_strip(r) for r in _stats(part)]
+    a = torch.load(full / "checkpoint-0000006.pt", weights_only=True)
+    b = torch.load(part / "checkpoint-0000006.pt", weights_only=True)
+    for key in ("net", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    # a crash after step 6 whose last checkpoints were lost: resume from step 2 recomputes 3..6
+    for p in ("checkpoint-0000006.pt", "checkpoint-0000004.pt", "checkpoint-0000003.pt"):
+        (part / p).unlink()
+    assert run(capsys, "train", "--run-dir", part, *args, "--steps", 6)[0] == 0
+    assert [_strip(r) for r in _stats(full)] == [_strip(r) for r in _stats(part)]
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, capsys):
+    rd = tmp_path / "r"
+    assert run(capsys, "train", "--run-dir", rd, *SMALL, "--steps", 1)[0] == 0
+    code, out, err = run(capsys, "train", "--run-dir", rd, *SMALL, "--set", "train.lr=0.5")
+    assert_bad_input(code, err, "train.lr", "--run-dir")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from scmctl.training import checkpoint as ck
+
+    path = tmp_path / "checkpoint-0000001.pt"
+    ck.save_atomic({"format": ck.FORMAT, "x": torch.ones(3)}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial data")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        ck.save_atomic({"format": ck.FORMAT, "x": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_checkpoint_is_not_executed(tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "scmctl-checkpoint", "version": 1, "kind": "consistency",
+                "payload": _Payload(marker)}, evil)
+    # plain pickle would run it (the payload is real)
+    with open(evil, "rb"):
+        pass
+    for cmd in (["sample", evil, "-n", "1"], ["distill", "--teacher", evil, "--steps", "1"],
+                ["train", "--init", evil, "--steps", "1"]):
+        code, out, err = run(capsys, *cmd)
+        assert_bad_input(code, err, "refused")
+        assert not marker.exists()
+    torch.load(evil, weights_only=False)  # demonstrate that the payload is live
+    assert marker.exists()
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path, capsys):
+    rd = tmp_path / "r"
+    assert run(capsys, "train", "--run-dir", rd, *SMALL, "--steps", 1)[0] == 0
+    ck = torch.load(rd / "checkpoint-0000001.pt", weights_only=True)
+    ck["config"]["network"]["model_channels"] = 24
+    torch.save(ck, tmp_path / "other.pt")
+    code, out, err = run(capsys, "sample", tmp_path / "other.pt", "-n", 1)
+    assert_bad_input(code, err, "different network architecture")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--set", "train.lrr=1"], "did you mean 'train.lr'"),
+    (["train", "--set", "train.steps=abc"], "expects an integer"),
+    (["train", "--set", "loss.tangent_norm=l3"], "must be one of"),
+    (["train", "--set", "nokey"], "key=value"),
+    (["train", "--objective", "gan"], "--objective"),
+    (["train", "--data", "/nonexistent/data", "--dry-run"], "no such file"),
+    (["train", "--preset", "/nonexistent.yaml"], "no such preset"),
+    (["sample", "/nonexistent/run", "-n", "1"], "no such checkpoint"),
+    (["sample", "-n", "1"], "Missing argument"),
+    (["train", "--steps", "many"], "Invalid value for '--steps'"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, needle, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *args)
+    assert_bad_input(code, err, needle)
+
+
+def test_sample_and_refine_bad_input(tmp_path, capsys):
+    rd = tmp_path / "r"
+    assert run(capsys, "train", "--run-dir", rd, *SMALL, "--steps", 1)[0] == 0
+    for args, needle in ((["--ts", "0.5,0.9"], "decreasing"), (["--ts", "a,b"], "comma-separated"),
+                         (["--label", "3"], "unconditional"), (["--solver", "rk4"], "--solver"),
+                         (["--steps", "0"], "--steps")):
+        code, out, err = run(capsys, "sample", rd, "-n", 1, *args)
+        assert_bad_input(code, err, needle)
+    (tmp_path / "imgs").mkdir()
+    from scmctl.data.imageio import write_png
+    write_png(tmp_path / "imgs" / "a.png", np.zeros((16, 16, 1), np.uint8))
+    code, out, err = run(capsys, "refine", rd, tmp_path / "imgs")
+    assert_bad_input(code, err, "8x8")
+    code, out, err = run(capsys, "refine", rd, tmp_path / "empty_missing")
+    assert_bad_input(code, err, "no such file")
+    run_empty = tmp_path / "fresh"
+    run_empty.mkdir()
+    code, out, err = run(capsys, "sample", run_empty, "-n", 1)
+    assert_bad_input(code, err, "no checkpoint")
+
+
+def test_dry_run_json_reports_params_without_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "train", "--dry-run", "--json", "--set", "train.lr=0.002")
+    assert code == 0, err
+    d = one_json(out)
+    assert d["config"]["train"]["lr"] == 0.002 and d["config"]["method"] == "sct"
+    from scmctl.config import from_dict
+    from scmctl.nn.unet import UNet
+    net = UNet(from_dict(d["config"]).network)
+    assert d["params"] == sum(p.numel() for p in net.parameters())
+    assert not (tmp_path / "runs").exists()
+    code, out, err = run(capsys, "train", "--preset", "imagenet512", "--dry-run", "--json")
+    assert code == 0, err
+    assert one_json(out)["params"] > 1e9
+
+
+def test_sample_image_k_does_not_depend_on_batch_size(tmp_path, capsys):
+    rd = tmp_path / "r"
+    assert run(capsys, "train", "--run-dir", rd, *SMALL, "--steps", 2)[0] == 0
+    from scmctl.data.imageio import read_image
+    outs = []
+    for b in (1, 4):
+        o = tmp_path / f"b{b}"
+        assert run(capsys, "sample", rd, "-n", 5, "--seed", 10, "--batch", b, "--out", o)[0] == 0
+        outs.append({p.name: read_image(p).astype(int) for p in o.glob("*.png")})
+    assert sorted(outs[0]) == [f"{i:06d}.png" for i in range(10, 15)]
+    for k in outs[0]:
+        assert np.abs(outs[0][k] - outs[1][k]).max() <= 1

@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -103,6 +102,9 @@ def _attention_jvp_kernel(
     # N_K_STATIC: interpreter only (triton 3.6's interpreter cannot use a run-time scalar as a
     # range bound under numpy 2); 0 when compiled
     for start_n in range(0, N_K_STATIC if N_K_STATIC > 0 else N_K, BLOCK_N):
+        # Plain loads (masked on the head dim): a variant with unmasked loads, which triton turns
+        # into a cp.async pipeline, plus a scale folded into the queries measured 17 % slower on an
+        # H200 (triton 3.6, 4·16·4096·64 bf16), so this simpler form stays.
         if EVEN_N:
             kT = tl.load(kT_ptrs, mask=dk_mask[:, None], other=0.0)
             tkT = tl.load(tkT_ptrs, mask=dk_mask[:, None], other=0.0)

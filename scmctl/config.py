@@ -88,6 +88,8 @@ class LossConfig:
     adaptive_weighting: bool = True       # learned w_φ(t): e^{w}/D·‖·‖² − w
     nan_masking: bool = True              # drop samples whose tangent or F⁻ is not finite
     max_guidance: float = 1.0             # sCD with CFG teacher: s ~ U[1, max_guidance]
+    jvp_mode: str = "dual"                # dual: one forward carries F_θ (graph) and the tangent;
+                                          # separate: no-grad torch.func.jvp, then a grad forward
 
 
 @dataclass
@@ -124,6 +126,7 @@ CHOICES = {
     "network.attention_jvp": ("auto", "chunked", "fused", "math"),
     "train.optimizer": ("adam", "radam"),
     "loss.tangent_norm": ("l2", "rms", "none"),
+    "loss.jvp_mode": ("dual", "separate"),
     "sample.solver": ("heun", "dpm2s", "euler"),
 }
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from scmctl import trigflow
 from scmctl.config import LossConfig
@@ -105,18 +106,32 @@ def diffusion_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg: L
 def consistency_tangent(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor,
                         sigma_data: float, warmup_r: float, labels=None, guidance=None):
     """F⁻ and the unnormalized tangent g = −cos²t(σ_d F⁻ − dx/dt) − r(cos t sin t x_t + J),
-    J = σ_d cos t sin t dF⁻/dt from one forward-mode jvp (no gradient)."""
+    J = σ_d cos t sin t dF⁻/dt from one forward-mode jvp (dual tensors, no gradient)."""
     cos, sin = _bc(torch.cos(t), x_t), _bc(torch.sin(t), x_t)
 
-    def f(x, tt):
-        return net(x, tt, labels, guidance)
-
-    with torch.no_grad():
-        F_minus, J = torch.func.jvp(
-            f, (x_t / sigma_data, t),
-            (cos * sin * dxdt, torch.cos(t) * torch.sin(t) * sigma_data))
+    with torch.no_grad(), fwAD.dual_level():
+        x_d = fwAD.make_dual(x_t / sigma_data, cos * sin * dxdt)
+        t_d = fwAD.make_dual(t, torch.cos(t) * torch.sin(t) * sigma_data)
+        F_minus, J = fwAD.unpack_dual(net(x_d, t_d, labels, guidance))
     g = -cos.square() * (sigma_data * F_minus - dxdt) - warmup_r * (cos * sin * x_t + J)
     return F_minus, g
+
+
+def consistency_tangent_dual(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor,
+                             sigma_data: float, warmup_r: float, labels=None, guidance=None):
+    """One forward with dual tensors: F_θ keeps its autograd graph (for the gradient) while the
+    tangent J = σ_d cos t sin t dF/dt rides along (detached afterwards). Saves the separate
+    no-grad jvp forward: ≈4/3 of a diffusion step instead of ≈5/3, at the price of the tangent's
+    activations being alive during the forward. Returns (F_θ, F⁻ = sg(F_θ), g)."""
+    cos, sin = _bc(torch.cos(t), x_t), _bc(torch.sin(t), x_t)
+    with fwAD.dual_level():
+        x_d = fwAD.make_dual(x_t / sigma_data, cos * sin * dxdt)
+        t_d = fwAD.make_dual(t, torch.cos(t) * torch.sin(t) * sigma_data)
+        F_theta, J = fwAD.unpack_dual(net(x_d, t_d, labels, guidance))
+        J = J.detach()
+    F_minus = F_theta.detach()
+    g = -cos.square() * (sigma_data * F_minus - dxdt) - warmup_r * (cos * sin * x_t + J)
+    return F_theta, F_minus, g
 
 
 def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg: LossConfig,
@@ -147,10 +162,18 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
             dxdt = sigma_data * F_c.to(x0.dtype)
     r = min(1.0, step / cfg.tangent_warmup_steps) if cfg.tangent_warmup_steps > 0 else 1.0
 
-    rng = _RNGFork(x0.device)
-    F_minus, g = consistency_tangent(net, x_t, t, dxdt, sigma_data, r, labels, guidance)
-    rng.restore()  # the gradient pass draws the same dropout mask as the jvp pass
+    if cfg.jvp_mode == "dual":
+        if cfg.nan_masking:  # non-finite inputs would reach the weight gradients through 0·NaN
+            ok = (torch.isfinite(x_t) & torch.isfinite(dxdt)).flatten(1).all(dim=1).reshape(-1, *([1] * (x_t.ndim - 1)))
+            x_t = torch.where(ok, x_t, torch.zeros_like(x_t))
+            dxdt = torch.where(ok, dxdt, torch.full_like(dxdt, float("nan")))
+        F_theta, F_minus, g = consistency_tangent_dual(train_net, x_t, t, dxdt, sigma_data, r, labels, guidance)
+    else:
+        rng = _RNGFork(x0.device)
+        F_minus, g = consistency_tangent(net, x_t, t, dxdt, sigma_data, r, labels, guidance)
+        rng.restore()  # the gradient pass draws the same dropout mask as the jvp pass
 
+    ld = torch.promote_types(x0.dtype, torch.float32)  # loss math in >= fp32 (fp64 for g)
     g = g.double()
     g_rms = g.flatten(1).norm(dim=1) / math.sqrt(d)
     finite = torch.isfinite(g).flatten(1).all(dim=1) & torch.isfinite(F_minus).flatten(1).all(dim=1)
@@ -163,13 +186,14 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
         if cfg.tangent_norm == "rms":
             norm = norm / math.sqrt(d)
         g = g / _bc(norm + cfg.tangent_norm_c, g)
-    target = (F_minus.double() + g).to(torch.float32)
+    target = (F_minus.double() + g).to(ld)
 
-    x_in = x_t / sigma_data
-    if cfg.nan_masking:  # masked samples must not put NaN into the gradient through 0·NaN
-        x_in = torch.where(finite.reshape(-1, *([1] * (x_in.ndim - 1))), x_in, torch.zeros_like(x_in))
-    F_theta = train_net(x_in, t, labels, guidance)
-    per = (F_theta.float() - target).flatten(1).square().sum(dim=1) / d
+    if cfg.jvp_mode != "dual":
+        x_in = x_t / sigma_data
+        if cfg.nan_masking:  # masked samples must not put NaN into the gradient through 0·NaN
+            x_in = torch.where(finite.reshape(-1, *([1] * (x_in.ndim - 1))), x_in, torch.zeros_like(x_in))
+        F_theta = train_net(x_in, t, labels, guidance)
+    per = (F_theta.to(ld) - target).flatten(1).square().sum(dim=1) / d
     raw = per.detach()
     if cfg.adaptive_weighting:
         w = net.adaptive_weight(t)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import typer
 
@@ -29,6 +30,9 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps UsageError to exit code 2 with one line on stderr."""
     _register()
+    # PyTorch's forward-AD loads TorchScript decompositions on first use and warns about its own
+    # use of torch.jit.script; that is not actionable for a user.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     try:
         app(args=argv, prog_name="scmctl", standalone_mode=False)
     except UsageError as e:

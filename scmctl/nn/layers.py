@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -22,13 +23,33 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-4) -> torch.Tensor:
-    """x / √(mean(x², dim) + eps): unit RMS along `dim` (channels), statistics in >= fp32."""
-    return x * torch.rsqrt(_at_least_fp32(x).square().mean(dim=dim, keepdim=True) + eps).to(x.dtype)
+    """x / √(mean(x², dim) + eps): unit RMS along `dim` (channels), statistics in >= fp32.
+
+    Under forward-mode AD the tangent is written out (tx·r − x·r³·mean(x·tx)) and computed
+    without an autograd graph: sCM never differentiates through the tangent.
+    """
+    p, tx = fwAD.unpack_dual(x)
+    pf = _at_least_fp32(p)
+    r = torch.rsqrt(pf.square().mean(dim=dim, keepdim=True) + eps)
+    y = p * r.to(p.dtype)
+    if tx is None:
+        return y
+    with torch.no_grad():
+        pd, rd = pf.detach(), r.detach()
+        ty = tx * rd.to(tx.dtype) - (pd * rd.pow(3) * (pd * tx).mean(dim=dim, keepdim=True)).to(tx.dtype)
+    return fwAD.make_dual(y, ty)
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU scaled to preserve unit magnitude for unit-Gaussian inputs."""
-    return F.silu(x) / 0.596
+    """SiLU scaled to preserve unit magnitude for unit-Gaussian inputs (tangent written out)."""
+    p, tx = fwAD.unpack_dual(x)
+    y = F.silu(p) / 0.596
+    if tx is None:
+        return y
+    with torch.no_grad():
+        sg = torch.sigmoid(p.detach())
+        ty = tx * (sg * (1 + p.detach() * (1 - sg)) / 0.596)
+    return fwAD.make_dual(y, ty)
 
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
@@ -67,6 +88,18 @@ class MPConv(nn.Module):
         fan_in = w[0].numel()
         w = w / (w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.ndim - 1))) + 1e-4 * math.sqrt(fan_in))
         w = (w * gain).to(x.dtype)
+        primal, tangent = fwAD.unpack_dual(x)
+        if tangent is not None:
+            # Forward-mode AD: the layer is linear in x and the weights carry no tangent, so the
+            # tangent is the same operator on tx. PyTorch's generic rule would also run a third
+            # convolution against a materialized zero weight tangent.
+            with torch.no_grad():
+                t_out = self._op(tangent, w.detach())
+            return fwAD.make_dual(self._op(primal, w), t_out)
+        return self._op(x, w)
+
+    @staticmethod
+    def _op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=w.shape[-1] // 2)

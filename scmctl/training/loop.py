@@ -60,6 +60,29 @@ def model_kind(method: str) -> str:
     return "diffusion" if method == "diffusion" else "consistency"
 
 
+def training_step(cfg: Config, net: UNet, opt: torch.optim.Optimizer, x0: torch.Tensor,
+                  onehot: Optional[torch.Tensor], step: int, lr: float,
+                  teacher: Optional[UNet] = None) -> tuple[losses.LossOutput, torch.Tensor, bool]:
+    """One optimizer step of `cfg.method`. A step whose gradient norm is not finite is skipped.
+    Returns (loss output, gradient norm, skipped)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    if cfg.method == "diffusion":
+        out = losses.diffusion_loss(net, x0, onehot, cfg.loss, cfg.data.sigma_data)
+    else:
+        out = losses.consistency_loss(net, x0, onehot, cfg.loss, cfg.data.sigma_data, step,
+                                      teacher=teacher)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+    skipped = not bool(torch.isfinite(grad_norm))
+    if not skipped:
+        opt.step()
+        net.renormalize_()
+    return out, grad_norm, skipped
+
+
 class StatsLog:
     """stats.jsonl: one JSON object per logged step. On resume, lines after the checkpoint's step
     are dropped (they are recomputed identically)."""
@@ -145,21 +168,7 @@ def train(cfg: Config, run_dir: Path, images: torch.Tensor, labels: Optional[tor
                 lab = labels[idx].to(device) if (labels is not None and num_classes) else None
                 onehot = losses.drop_labels(lab, num_classes, cfg.network.label_dropout)
                 lr = learning_rate(cfg, step)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                if cfg.method == "diffusion":
-                    out = losses.diffusion_loss(net, x0, onehot, cfg.loss, sigma_data)
-                else:
-                    out = losses.consistency_loss(net, x0, onehot, cfg.loss, sigma_data, step,
-                                                  teacher=teacher)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    net.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-                skipped = not bool(torch.isfinite(grad_norm))
-                if not skipped:
-                    opt.step()
-                    net.renormalize_()
+                out, grad_norm, skipped = training_step(cfg, net, opt, x0, onehot, step, lr, teacher)
                 ema.update(net, step + 1)
                 done = step + 1
                 imgs_since += x0.shape[0]

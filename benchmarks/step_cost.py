@@ -1,0 +1,125 @@
+"""Cost of one sCT (and sCD) training step relative to one diffusion step, same network and batch.
+
+Prints measured ratios (targets from the foundation issue: sCT <= 1.5x the diffusion step's time
+and <= 1.3x its peak memory; the paper's sCD is about 2x). Each variant runs in its own process:
+
+- time: median wall time of --steps steps after --warmup steps (torch.cuda.synchronize on GPU);
+- memory on CUDA: torch.cuda.max_memory_allocated during the timed steps;
+- memory on CPU: peak resident set size (ru_maxrss) minus the RSS after the network, optimizer and
+  batch exist and one step has run - i.e. the step's own working memory (activations, tangents).
+
+    python benchmarks/step_cost.py                       # tiny preset, CPU
+    python benchmarks/step_cost.py --preset cifar10 --batch 64 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def child(args) -> dict:
+    import torch
+
+    from scmctl import config
+    from scmctl.nn.unet import build_network
+    from scmctl.training.loop import make_optimizer, select_device, training_step
+
+    torch.set_num_threads(args.threads)
+    cfg = config.resolve(args.preset, args.method, args.set)
+    net_cfg = cfg.network
+    net_cfg.resolution = net_cfg.resolution or args.resolution
+    net_cfg.channels = net_cfg.channels or 1
+    net_cfg.num_classes = net_cfg.num_classes or 0
+    dev = select_device(args.device)
+    torch.manual_seed(0)
+    net = build_network(net_cfg, dev).train()
+    opt = make_optimizer(cfg, net.parameters())
+    teacher = None
+    if args.method == "scd":
+        teacher = build_network(net_cfg, dev).eval().requires_grad_(False)
+    x0 = torch.randn(args.batch, net_cfg.channels, net_cfg.resolution, net_cfg.resolution, device=dev) * 0.5
+    onehot = None
+    if net_cfg.num_classes:
+        onehot = torch.nn.functional.one_hot(torch.arange(args.batch, device=dev) % net_cfg.num_classes,
+                                             net_cfg.num_classes).float()
+
+    def step(i):
+        training_step(cfg, net, opt, x0, onehot, 20000 + i, cfg.train.lr, teacher)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    base_rss = _rss_bytes()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        step(i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        mem = torch.cuda.max_memory_allocated() - base_cuda
+        mem_kind = "cuda max_memory_allocated above steady state"
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
+        mem_kind = "peak RSS above steady state"
+    return {"method": args.method, "time_s": statistics.median(times), "mem_bytes": mem,
+            "mem_kind": mem_kind, "device": str(dev),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "params": sum(p.numel() for p in net.parameters())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--resolution", type=int, default=16, help="when the preset leaves it to the data")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--methods", default="diffusion,sct,scd")
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.method:  # child process
+        print(json.dumps(child(args)))
+        return
+    results = {}
+    for m in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--method", m] + [a for a in sys.argv[1:]]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[m] = json.loads(out.strip().splitlines()[-1])
+    d = results["diffusion"]
+    print(f"preset {args.preset}, batch {args.batch}, device {d['device']} {d['gpu'] or ''}, "
+          f"{d['params']:,} parameters; memory = {d['mem_kind']}")
+    print(f"{'step':<10} {'time (ms)':>10} {'x diffusion':>12} {'memory (MiB)':>13} {'x diffusion':>12}")
+    for m, r in results.items():
+        print(f"{m:<10} {r['time_s'] * 1e3:>10.1f} {r['time_s'] / d['time_s']:>12.2f} "
+              f"{r['mem_bytes'] / 2**20:>13.1f} {r['mem_bytes'] / max(d['mem_bytes'], 1):>12.2f}")
+    if "sct" in results:
+        s = results["sct"]
+        print(f"sCT/diffusion: time {s['time_s'] / d['time_s']:.2f}x (target <= 1.5x), "
+              f"memory {s['mem_bytes'] / max(d['mem_bytes'], 1):.2f}x (target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Real learning on 2-D toy data: sCT and sCD reach a stated sliced-Wasserstein distance to the data
+in a bounded number of steps, and 2-step sampling beats 1-step.
+
+Distances are sliced Wasserstein-1 (256 fixed random directions, 4000 samples). For reference: the
+untrained model is at ≈0.45 and two independent draws of the data at ≈0.005-0.014.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from scmctl import losses, sampling
+from scmctl.config import LossConfig
+from scmctl.nn.toy import ToyMLP
+
+SD = 0.5
+
+
+def ring(n, g=None):
+    """8 Gaussians (std 0.04) on a circle of radius 0.7: per-coordinate std ≈ σ_d = 0.5."""
+    k = torch.randint(8, (n,), generator=g)
+    ang = k.float() * 2 * math.pi / 8
+    return torch.stack([ang.cos(), ang.sin()], 1) * 0.7 + 0.04 * torch.randn(n, 2, generator=g)
+
+
+def grid(n, g=None):
+    """25 Gaussians (std 0.03) on a 5x5 grid in [-0.75, 0.75]²."""
+    c = torch.cartesian_prod(*(torch.linspace(-0.75, 0.75, 5),) * 2)
+    k = torch.randint(len(c), (n,), generator=g)
+    return c[k] + 0.03 * torch.randn(n, 2, generator=g)
+
+
+def swd(a, b, nproj=256):
+    d = torch.randn(2, nproj, generator=torch.Generator().manual_seed(0))
+    d = d / d.norm(dim=0)
+    return ((a @ d).sort(0)[0] - (b @ d).sort(0)[0]).abs().mean().item()
+
+
+def train(method, data, steps, teacher=None, hidden=128, depth=3, lr=3e-3, batch=512):
+    """The same Algorithm-1 loss the CLI trains with, on a small MLP; EMA weights returned."""
+    torch.manual_seed(0)
+    net = ToyMLP(hidden=hidden, depth=depth)
+    ema = copy.deepcopy(net)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99))
+    cm = LossConfig(P_mean=-1.0, P_std=1.4, tangent_warmup_steps=500)
+    dm = LossConfig(P_mean=-0.8, P_std=1.6, adaptive_weighting=False)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr / math.sqrt(max(step / 500, 1))
+        x0 = data(batch)
+        if method == "diffusion":
+            out = losses.diffusion_loss(net, x0, None, dm, SD)
+        else:
+            out = losses.consistency_loss(net, x0, None, cm, SD, step, teacher=teacher)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(p, 0.005)
+    return ema.eval()
+
+
+def quality(net, kind, data, steps, t_mid=1.1):
+    x, _, _ = sampling.generate(net, kind, list(range(4000)), (2,), SD, steps, t_mid)
+    return swd(x, data(4000, torch.Generator().manual_seed(1)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic reductions whatever the machine
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sct_learns_and_two_steps_beat_one():
+    net = train("sct", ring, 3000, hidden=256, depth=4)
+    one, two = quality(net, "consistency", ring, 1), quality(net, "consistency", ring, 2)
+    print(f"sCT ring: 1-step {one:.4f}, 2-step {two:.4f}")
+    assert one < 0.06
+    assert two < one
+
+
+def test_scd_from_a_trained_teacher():
+    teacher = train("diffusion", grid, 2000)
+    t18 = quality(teacher, "diffusion", grid, 18)
+    student = train("scd", grid, 2000, teacher=teacher)
+    one, two = quality(student, "consistency", grid, 1), quality(student, "consistency", grid, 2)
+    print(f"teacher (Heun 18 steps) {t18:.4f}; sCD 1-step {one:.4f}, 2-step {two:.4f}")
+    assert t18 < 0.035
+    assert one < 0.05 and two < 0.05

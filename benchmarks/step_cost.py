@@ -106,8 +106,10 @@ def main() -> None:
     results = {}
     for m in args.methods.split(","):
         cmd = [sys.executable, __file__, "--method", m] + [a for a in sys.argv[1:]]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[m] = json.loads(out.strip().splitlines()[-1])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{m} step failed:\n{proc.stderr[-3000:]}")
+        results[m] = json.loads(proc.stdout.strip().splitlines()[-1])
     d = results["diffusion"]
     print(f"preset {args.preset}, batch {args.batch}, device {d['device']} {d['gpu'] or ''}, "
           f"{d['params']:,} parameters; memory = {d['mem_kind']}")

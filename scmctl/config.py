@@ -270,8 +270,16 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 # ------------------------------------------------------------------------------ presets ---------
 
+def _preset_root():
+    """The installed presets (package scmctl.presets), or presets/ beside a source checkout."""
+    try:
+        return resources.files("scmctl.presets")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "presets"
+
+
 def preset_names() -> list[str]:
-    root = resources.files("scmctl.presets")
+    root = _preset_root()
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -284,7 +292,7 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
         text = p.read_text()
         where = str(p)
     else:
-        res = resources.files("scmctl.presets") / f"{name_or_path}.yaml"
+        res = _preset_root() / f"{name_or_path}.yaml"
         if not res.is_file():
             names = preset_names()
             near = difflib.get_close_matches(name_or_path, names, n=1)

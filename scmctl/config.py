@@ -26,7 +26,7 @@ METHODS = ("diffusion", "sct", "scd")
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None            # None/"digits": the built-in 8x8 digits, upsampled
+    path: Optional[str] = None            # dataset path; "digits" = the built-in 8x8 digits
     resolution: Optional[int] = None      # digits: upsample to this; other data: resize to this
     sigma_data: float = 0.5               # std of the data (images in [-1, 1], normalized latents)
     conditional: bool = True              # use class labels when the dataset has them

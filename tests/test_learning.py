@@ -1,8 +1,13 @@
 """Real learning on 2-D toy data: sCT and sCD reach a stated sliced-Wasserstein distance to the data
-in a bounded number of steps, and 2-step sampling beats 1-step.
+in a bounded number of steps, with 1-step and 2-step sampling.
 
 Distances are sliced Wasserstein-1 (256 fixed random directions, 4000 samples). For reference: the
-untrained model is at ≈0.45 and two independent draws of the data at ≈0.005-0.014.
+untrained model is at ≈0.45 and two independent draws of the data at ≈0.005 (ring) / 0.014 (grid).
+
+2-step vs 1-step: on these toys the 2-step samples were NOT reliably better than the 1-step ones in
+any setting tried (t_mid 0.1-1.1, MLP widths 128/256, 2000-4000 steps, time-embedding scales 1-10);
+the sign of the difference changed with the seed. So the tests assert that both reach the target,
+not an ordering; see the closing note of the foundation issue.
 """
 
 import copy
@@ -76,12 +81,13 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_sct_learns_and_two_steps_beat_one():
+def test_sct_learns_from_scratch():
+    untrained = quality(ToyMLP(hidden=256, depth=4).eval(), "consistency", ring, 1)
     net = train("sct", ring, 3000, hidden=256, depth=4)
     one, two = quality(net, "consistency", ring, 1), quality(net, "consistency", ring, 2)
-    print(f"sCT ring: 1-step {one:.4f}, 2-step {two:.4f}")
-    assert one < 0.06
-    assert two < one
+    print(f"sCT ring: untrained {untrained:.4f}, 1-step {one:.4f}, 2-step {two:.4f}")
+    assert untrained > 0.3
+    assert one < 0.04 and two < 0.04
 
 
 def test_scd_from_a_trained_teacher():
@@ -92,3 +98,5 @@ def test_scd_from_a_trained_teacher():
     print(f"teacher (Heun 18 steps) {t18:.4f}; sCD 1-step {one:.4f}, 2-step {two:.4f}")
     assert t18 < 0.035
     assert one < 0.05 and two < 0.05
+    untrained_student = quality(ToyMLP().eval(), "consistency", grid, 1)
+    assert untrained_student > 0.3

@@ -83,7 +83,8 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
             raise UsageError(f"{source['path']}: was trained with sigma_data="
                              f"{source['config']['data']['sigma_data']}, config has {cfg.data.sigma_data}")
 
-    dataset = _fill_from_data(cfg)
+    dims_known = None not in (cfg.network.resolution, cfg.network.channels, cfg.network.num_classes)
+    dataset = None if (dry_run and dims_known) else _fill_from_data(cfg, preset)
     if method == "scd" and cfg.loss.max_guidance > 1 and cfg.network.num_classes:
         cfg.network.guidance_input = True
     config_mod.validate(cfg)
@@ -137,10 +138,13 @@ def _network_from(ckpt: dict):
     return network_from_checkpoint(ckpt)
 
 
-def _fill_from_data(cfg):
+def _fill_from_data(cfg, preset: str):
     """Load the dataset; network.resolution/channels/num_classes come from it where unset."""
     from scmctl.data.datasets import load_dataset
 
+    if cfg.data.path is None:
+        raise UsageError(f"preset '{preset}' names no dataset: pass --data PATH (an image folder, "
+                         "cifar-10-python.tar.gz, .npz/.npy), or --data digits for the built-in digits")
     ds = load_dataset(cfg.data.path, cfg.data.resolution)
     n, c, h, w = ds.images.shape
     if h != w:

@@ -15,7 +15,7 @@ def _net(cfg, **kw):
     net = UNet(cfg).double().eval()
     with torch.no_grad():  # trained-looking gains (out_gain and EDM2's emb_gain start at 0)
         for name, p in net.named_parameters():
-            if name.endswith(("out_gain", "emb_gain")):
+            if name.endswith(("out_gain", "emb_gain", "guidance_gain")):
                 p.fill_(1.0)
     return net
 
@@ -131,3 +131,21 @@ def test_bad_resolution_is_a_clear_error(tiny_net_cfg):
     tiny_net_cfg.channel_mult = [1, 2, 2]
     with pytest.raises(UsageError, match="not divisible"):
         UNet(tiny_net_cfg)
+
+
+def test_student_with_guidance_input_starts_as_its_teacher(tiny_net_cfg):
+    """An sCD student gets a guidance input; initialized from the teacher it computes the same F."""
+    import copy
+
+    from scmctl.training.checkpoint import load_state
+
+    teacher = UNet(tiny_net_cfg).eval()
+    with torch.no_grad():
+        teacher.out_gain.fill_(1.0)
+    scfg = copy.deepcopy(tiny_net_cfg)
+    scfg.guidance_input = True
+    student = UNet(scfg).eval()
+    load_state(student, teacher.state_dict(), "teacher", allow_missing=("emb_guidance.", "guidance_gain"))
+    x, t = torch.randn(3, 1, 8, 8), torch.rand(3)
+    with torch.no_grad():
+        assert torch.allclose(student(x, t, None, torch.tensor([1.0, 1.5, 2.0])), teacher(x, t), atol=1e-6)

@@ -107,6 +107,7 @@ class UNet(nn.Module):
         self.time_embed = TimeEmbedding(cnoise, cfg.time_embedding, cfg.time_embedding_scale)
         self.emb_noise = MPConv(cnoise, cemb)
         self.emb_guidance = MPConv(cnoise, cemb) if cfg.guidance_input else None
+        self.guidance_gain = nn.Parameter(torch.zeros([])) if cfg.guidance_input else None
         self.emb_label = MPConv(ncls, cemb) if ncls else None
         self.weight_embed = TimeEmbedding(cfg.adaptive_weight_channels, cfg.time_embedding, cfg.time_embedding_scale)
         self.weight_linear = MPConv(cfg.adaptive_weight_channels, 1)
@@ -154,8 +155,9 @@ class UNet(nn.Module):
                   guidance: torch.Tensor | None) -> torch.Tensor:
         emb = self.emb_noise(self.time_embed(t))
         if self.emb_guidance is not None:
+            # zero-initialized gain: a student initialized from its teacher starts as the teacher
             g = torch.ones_like(t) if guidance is None else guidance.expand_as(t)
-            emb = mp_sum(emb, self.emb_guidance(self.time_embed(g)), EMB_BALANCE)
+            emb = emb + self.emb_guidance(self.time_embed(g), gain=self.guidance_gain)
         if self.emb_label is not None:
             if labels is None:
                 onehot = torch.zeros(t.shape[0], self.num_classes, device=t.device)

@@ -142,7 +142,7 @@ def train(cfg: Config, run_dir: Path, images: torch.Tensor, labels: Optional[tor
         start = int(state["step"])
     else:
         if init_state is not None:
-            ckpt_io.load_state(net, init_state, "--init/--teacher", allow_missing=("emb_guidance.",))
+            ckpt_io.load_state(net, init_state, "--init/--teacher", allow_missing=("emb_guidance.", "guidance_gain"))
             net.renormalize_()
         ema = EMA(net, tc.ema_sigma_rel, tc.ema_halflife_images, tc.batch)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())

@@ -5,8 +5,11 @@ and <= 1.3x its peak memory; the paper's sCD is about 2x). Each variant runs in 
 
 - time: median wall time of --steps steps after --warmup steps (torch.cuda.synchronize on GPU);
 - memory on CUDA: torch.cuda.max_memory_allocated during the timed steps;
-- memory on CPU: peak resident set size (ru_maxrss) minus the RSS after the network, optimizer and
-  batch exist and one step has run - i.e. the step's own working memory (activations, tangents).
+- memory on CPU (measured in a second process per variant, because the allocator setting below
+  slows the steps): the resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs after
+  the warm-up) minus the resident set at that moment, with glibc told to mmap every allocation of
+  64 KiB or more (MALLOC_MMAP_THRESHOLD_) and to trim its heap, so freed tensors leave the resident
+  set at once: the step's own working memory (activations, tangents), like the CUDA figure.
 
     python benchmarks/step_cost.py                       # tiny preset, CPU
     python benchmarks/step_cost.py --preset cifar10 --batch 64 --device cuda
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,24 @@ import time
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_cpu_peak() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+
+
+def _cpu_peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child(args) -> dict:
@@ -65,6 +85,8 @@ def child(args) -> dict:
     for i in range(args.warmup):
         step(i)
     sync()
+    if dev.type == "cpu":
+        _reset_cpu_peak()
     base_rss = _rss_bytes()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -79,12 +101,19 @@ def child(args) -> dict:
         mem = torch.cuda.max_memory_allocated() - base_cuda
         mem_kind = "cuda max_memory_allocated above steady state"
     else:
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
-        mem_kind = "peak RSS above steady state"
+        mem = _cpu_peak_bytes() - base_rss
+        mem_kind = "peak RSS above steady state (VmHWM)"
     return {"method": args.method, "time_s": statistics.median(times), "mem_bytes": mem,
             "mem_kind": mem_kind, "device": str(dev),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "params": sum(p.numel() for p in net.parameters())}
+
+
+def _run_child(cmd, env, name) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{name} step failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -99,6 +128,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--methods", default="diffusion,sct,scd")
     ap.add_argument("--method", help=argparse.SUPPRESS)
+    ap.add_argument("--mem-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.method:  # child process
         print(json.dumps(child(args)))
@@ -106,10 +136,10 @@ def main() -> None:
     results = {}
     for m in args.methods.split(","):
         cmd = [sys.executable, __file__, "--method", m] + [a for a in sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{m} step failed:\n{proc.stderr[-3000:]}")
-        results[m] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[m] = _run_child(cmd, dict(os.environ), m)
+        if args.device == "cpu":  # memory from a second process with mmap-backed allocations
+            mem = _run_child(cmd + ["--mem-run"], dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), m)
+            results[m].update(mem_bytes=mem["mem_bytes"], mem_kind=mem["mem_kind"])
     d = results["diffusion"]
     print(f"preset {args.preset}, batch {args.batch}, device {d['device']} {d['gpu'] or ''}, "
           f"{d['params']:,} parameters; memory = {d['mem_kind']}")

@@ -43,25 +43,39 @@ def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-4) -> torch.Tensor
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
     """SiLU scaled to preserve unit magnitude for unit-Gaussian inputs (tangent written out)."""
     p, tx = fwAD.unpack_dual(x)
-    y = F.silu(p) / 0.596
     if tx is None:
-        return y
+        return F.silu(x) / 0.596
+    y = F.silu(p) / 0.596
     with torch.no_grad():
         sg = torch.sigmoid(p.detach())
         ty = tx * (sg * (1 + p.detach() * (1 - sg)) / 0.596)
     return fwAD.make_dual(y, ty)
 
 
+def _linear(fn, *xs: torch.Tensor) -> torch.Tensor:
+    """Apply `fn`, linear in its tensor arguments, to primals and (graph-free) tangents apart.
+    Under forward-mode AD PyTorch routes scalar mul/div through slow Python decompositions."""
+    parts = [fwAD.unpack_dual(x) for x in xs]
+    if all(t is None for _, t in parts):
+        return fn(*xs)
+    y = fn(*(p for p, _ in parts))
+    with torch.no_grad():
+        ty = fn(*(torch.zeros_like(p) if t is None else t for p, t in parts))
+    return fwAD.make_dual(y, ty)
+
+
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving interpolation ((1−t)·a + t·b)/√((1−t)² + t²)."""
-    return (a * (1 - t) + b * t) / math.sqrt((1 - t) ** 2 + t ** 2)
+    s = math.sqrt((1 - t) ** 2 + t ** 2)
+    return _linear(lambda a, b: a * ((1 - t) / s) + b * (t / s), a, b)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving concatenation with relative weight t for b."""
     na, nb = a.shape[dim], b.shape[dim]
     c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
-    return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=dim)
+    wa, wb = c / math.sqrt(na) * (1 - t), c / math.sqrt(nb) * t
+    return _linear(lambda a, b: torch.cat([a * wa, b * wb], dim=dim), a, b)
 
 
 def resample(x: torch.Tensor, mode: str) -> torch.Tensor:

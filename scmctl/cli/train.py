@@ -117,6 +117,9 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
                     show_progress=True)
     last = _last_stats(run_dir)
     summary.update({"params": params, "loss": last.get("loss")})
+    if summary.get("stopped_early"):
+        console.print(f"stopped at step {summary['steps']} of {cfg.train.steps}; "
+                      "re-run the same command to resume")
     if json_out:
         emit_json(summary)
     else:

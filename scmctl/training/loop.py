@@ -112,12 +112,13 @@ class StatsLog:
 
 def train(cfg: Config, run_dir: Path, images: torch.Tensor, labels: Optional[torch.Tensor],
           teacher: Optional[UNet] = None, init_state: Optional[dict] = None,
-          show_progress: bool = True, stop_after: Optional[int] = None) -> dict:
+          show_progress: bool = True) -> dict:
     """Train `cfg.method` on uint8 NCHW `images`; returns a summary dict.
 
     `teacher`: the sCD teacher (EMA weights, eval mode). `init_state`: weights to start from (a
-    checkpoint's EMA), used only when the run has no checkpoint yet. `stop_after`: stop after that
-    many steps in this call (tests use it to simulate an interruption).
+    checkpoint's EMA), used only when the run has no checkpoint yet. SIGTERM/SIGINT (a cluster's
+    preemption, Ctrl-C) finish the current step, write a checkpoint and stop; re-running the same
+    command resumes from it.
     """
     from scmctl.cli.common import progress
     from scmctl.data.datasets import batch_indices
@@ -145,13 +146,14 @@ def train(cfg: Config, run_dir: Path, images: torch.Tensor, labels: Optional[tor
             ckpt_io.load_state(net, init_state, "--init/--teacher", allow_missing=("emb_guidance.", "guidance_gain"))
             net.renormalize_()
         ema = EMA(net, tc.ema_sigma_rel, tc.ema_halflife_images, tc.batch)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())  # resuming may have raised train.steps
 
     n = images.shape[0]
     num_classes = cfg.network.num_classes or 0
     stats = StatsLog(run_dir / "stats.jsonl", start)
     kind = model_kind(cfg.method)
-    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    end = tc.steps
+    stop = _StopRequest()
     last_grid = None
     t_last, imgs_since = time.perf_counter(), 0
     summary = {"run_dir": str(run_dir), "method": cfg.method, "start_step": start}
@@ -188,13 +190,46 @@ def train(cfg: Config, run_dir: Path, images: torch.Tensor, labels: Optional[tor
                     _save(run_dir, cfg, kind, done, net, ema, opt)
                 if tc.grid_every > 0 and (done % tc.grid_every == 0 or done == tc.steps):
                     last_grid = write_grid(run_dir / f"grid-{done:07d}.png", ema.net, cfg, kind, device)
+                if stop.requested:
+                    if done % tc.checkpoint_every != 0 and done != tc.steps:
+                        _save(run_dir, cfg, kind, done, net, ema, opt)
+                    end = done
+                    break
     finally:
         stats.close()
-    if start < end < tc.steps and end % tc.checkpoint_every != 0:
-        _save(run_dir, cfg, kind, end, net, ema, opt)  # an interrupted call leaves a resumable state
+        stop.restore()
     summary.update({"steps": end, "checkpoint": str(ckpt_io.latest(run_dir)),
-                    "grid": str(last_grid) if last_grid else None})
+                    "grid": str(last_grid) if last_grid else None, "stopped_early": end < tc.steps})
     return summary
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag that the loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _save(run_dir: Path, cfg: Config, kind: str, step: int, net, ema: EMA, opt) -> Path:

@@ -25,8 +25,7 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
                weights: str = typer.Option("ema", "--weights", help="ema | raw"),
                device: str = typer.Option("auto", "--device"),
                json_out: bool = typer.Option(False, "--json")) -> None:
-    """Refine images: x = cos t·x0 + sin t·σ_d·z, then x0 = f_θ(x, t) (consistency models) or an
-    ODE solve from t to 0 (diffusion models); repeated for each --t."""
+    """Re-noise images to time t and denoise them with the model (repeat --t for several rounds)."""
     import numpy as np
     import torch
 

@@ -50,8 +50,7 @@ def distill_cmd(teacher: str = typer.Option(..., "--teacher", help="Teacher chec
                 init: Optional[str] = INIT, steps: Optional[int] = STEPS, batch: Optional[int] = BATCH,
                 seed: Optional[int] = SEED, set_: List[str] = SET, dry_run: bool = DRY,
                 json_out: bool = JSON) -> None:
-    """Consistency distillation (sCD) from a diffusion teacher; the student starts from the teacher's
-    EMA weights unless --init says otherwise."""
+    """Consistency distillation (sCD) from a diffusion teacher (student starts from its EMA weights)."""
     _run("scd", preset, data, run_dir, init, teacher, steps, batch, seed, set_, dry_run, json_out)
 
 

@@ -364,15 +364,15 @@ def validate(cfg: Config) -> None:
 
 def diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys whose values differ between two configs."""
-    fa, fb = _flatten(a.to_dict()), _flatten(b.to_dict())
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
     return [k for k in fa if fa[k] != fb.get(k) and not any(k.startswith(i) for i in ignore)]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, prefix + k + "."))
+            out.update(flatten(v, prefix + k + "."))
         else:
             out[prefix + k] = v
     return out

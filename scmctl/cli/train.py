@@ -184,8 +184,8 @@ def _check_resume(run_dir: Path, cfg) -> None:
     changed = config_mod.diff(old, cfg, ignore=RESUMABLE_CHANGES)
     if changed:
         k = changed[0]
-        o = config_mod._flatten(old.to_dict())[k]
-        nw = config_mod._flatten(cfg.to_dict())[k]
+        o = config_mod.flatten(old.to_dict())[k]
+        nw = config_mod.flatten(cfg.to_dict())[k]
         raise UsageError(f"{run_dir} was started with a different config ({k}: {o!r} -> {nw!r}"
                          f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); "
                          "resume with the same options or use a new --run-dir")

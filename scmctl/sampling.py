@@ -94,19 +94,29 @@ def ode_sample(vel: Velocity, x: torch.Tensor, times: torch.Tensor, sigma_data: 
     """Solve the PF-ODE dx/dt = σ_d·F(x/σ_d, t) along decreasing `times` (ending at 0).
 
     heun:  EDM's Heun (2nd order; the last step to t = 0 is 1st order): 2N−1 evaluations.
-    dpm2s: DPM-Solver-2S in TrigFlow: the exact-for-constant-F step (DDIM) to the midpoint in t,
-           then the full step with the midpoint velocity: 2N evaluations.
-    euler: the TrigFlow DDIM step x_t = cos(s−t)·x_s − sin(s−t)·σ_d·F(x_s, s): N evaluations.
+    dpm2s: DPM-Solver++(2S) in TrigFlow (α = cos t, σ = sin t, λ = log cot t): a DDIM step to the
+           λ-midpoint m, then x_t = (sin t/sin s)·x_s + (sin(s−t)/sin s)·D(x_m, m); 2nd order; the
+           last step to t = 0 is the DDIM step: 2N−1 evaluations.
+    euler: the TrigFlow DDIM step x_t = cos(s−t)·x_s − sin(s−t)·σ_d·F(x_s, s) (exact for constant
+           F, equivalently constant D): N evaluations.
     """
     times = [float(t) for t in times]
     for s, t in zip(times[:-1], times[1:]):
         F_s = vel(x, s)
         if solver == "euler":
-            x = _ddim(x, s, t, F_s, sigma_data)
+            x = trigflow.ddim_step(x, s, t, F_s, sigma_data)
         elif solver == "dpm2s":
-            m = 0.5 * (s + t)
-            x_m = _ddim(x, s, m, F_s, sigma_data)
-            x = _ddim(x, s, t, vel(x_m, m), sigma_data)
+            if t <= 0:  # λ = log cot t is infinite at t = 0: finish with the exact-for-constant-D step
+                x = trigflow.ddim_step(x, s, t, F_s, sigma_data)
+                continue
+            # midpoint in λ = log(cot t) (DPM-Solver++(2S), r = 1/2), then the data-prediction
+            # exponential-integrator step with D at the midpoint
+            lam_m = 0.5 * (math.log(1 / math.tan(s)) + math.log(1 / math.tan(t)))
+            m = math.atan(math.exp(-lam_m))
+            x_m = trigflow.ddim_step(x, s, m, F_s, sigma_data)
+            D_m = trigflow.denoise(x_m, torch.full((x.shape[0],), m, dtype=x.dtype, device=x.device),
+                                   vel(x_m, m), sigma_data)
+            x = (math.sin(t) / math.sin(s)) * x + (math.sin(s - t) / math.sin(s)) * D_m
         elif solver == "heun":
             d_s = sigma_data * F_s
             x_next = x + (t - s) * d_s
@@ -117,10 +127,6 @@ def ode_sample(vel: Velocity, x: torch.Tensor, times: torch.Tensor, sigma_data: 
         else:
             raise UsageError(f"unknown solver '{solver}' (choose heun, dpm2s or euler)")
     return x
-
-
-def _ddim(x, s: float, t: float, F, sigma_data: float):
-    return math.cos(s - t) * x - math.sin(s - t) * sigma_data * F
 
 
 def teacher_times(steps: int, sigma_data: float, t_start: Optional[float] = None) -> torch.Tensor:

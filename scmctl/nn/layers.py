@@ -81,10 +81,38 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
 def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
     """'down': 2×2 box filter; 'up': nearest-neighbour ×2; 'keep': identity."""
     if mode == "down":
-        return F.avg_pool2d(x, 2)
+        return _linear(lambda a: F.avg_pool2d(a, 2), x)
     if mode == "up":
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return _linear(lambda a: F.interpolate(a, scale_factor=2.0, mode="nearest"), x)
     return x
+
+
+def modulate(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """y·scale + shift, with a graph-free tangent under forward-mode AD."""
+    (p, ty), (ps, ts), (pb, tb) = (fwAD.unpack_dual(a) for a in (y, scale, shift))
+    out = p * ps + pb
+    if ty is None and ts is None and tb is None:
+        return out
+    with torch.no_grad():
+        t_out = torch.zeros_like(out)
+        if ty is not None:
+            t_out += ty * ps.detach()
+        if ts is not None:
+            t_out += p.detach() * ts
+        if tb is not None:
+            t_out += tb
+    return fwAD.make_dual(out, t_out)
+
+
+def clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
+    """Clamp to [−limit, limit], with a graph-free tangent under forward-mode AD."""
+    p, tx = fwAD.unpack_dual(x)
+    out = p.clamp(-limit, limit)
+    if tx is None:
+        return out
+    with torch.no_grad():
+        t_out = tx * (p.detach().abs() <= limit).to(tx.dtype)
+    return fwAD.make_dual(out, t_out)
 
 
 class MPConv(nn.Module):

@@ -21,8 +21,8 @@ from torch import nn
 from scmctl.attention import attention
 from scmctl.config import NetworkConfig
 from scmctl.errors import UsageError
-from scmctl.nn.layers import (MPConv, TimeEmbedding, mp_cat, mp_silu, mp_sum, pixel_norm,
-                              resample)
+from scmctl.nn.layers import (MPConv, TimeEmbedding, clamp, modulate, mp_cat, mp_silu, mp_sum,
+                              pixel_norm, resample)
 
 RES_BALANCE = 0.3
 ATTN_BALANCE = 0.3
@@ -65,7 +65,7 @@ class Block(nn.Module):
         if self.double_norm:
             s = pixel_norm(self.emb_scale(emb))[:, :, None, None]
             b = pixel_norm(self.emb_shift(emb))[:, :, None, None]
-            y = pixel_norm(y) * s.to(y.dtype) + b.to(y.dtype)
+            y = modulate(pixel_norm(y), s.to(y.dtype), b.to(y.dtype))
         else:
             y = y * (self.emb_scale(emb, gain=self.emb_gain) + 1)[:, :, None, None].to(y.dtype)
         y = mp_silu(y)
@@ -83,7 +83,7 @@ class Block(nn.Module):
             y = attention(q, k, v, backend=self.attention_backend, jvp_impl=self.attention_jvp)
             y = y.transpose(-1, -2).reshape(n, c, h, w)
             x = mp_sum(x, self.attn_proj(y), ATTN_BALANCE)
-        return x.clamp(-CLIP_ACT, CLIP_ACT)
+        return clamp(x, CLIP_ACT)
 
 
 class UNet(nn.Module):

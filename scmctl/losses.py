@@ -18,6 +18,7 @@ the same dropout mask (the RNG state is restored between them) and the same labe
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -104,34 +105,23 @@ def diffusion_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg: L
 
 
 def consistency_tangent(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor,
-                        sigma_data: float, warmup_r: float, labels=None, guidance=None):
-    """F⁻ and the unnormalized tangent g = −cos²t(σ_d F⁻ − dx/dt) − r(cos t sin t x_t + J),
-    J = σ_d cos t sin t dF⁻/dt from one forward-mode jvp (dual tensors, no gradient)."""
-    cos, sin = _bc(torch.cos(t), x_t), _bc(torch.sin(t), x_t)
+                        sigma_data: float, warmup_r: float, labels=None, guidance=None,
+                        keep_graph: bool = False):
+    """F and the unnormalized tangent g = −cos²t(σ_d F − dx/dt) − r(cos t sin t x_t + J), with
+    J = σ_d cos t sin t dF/dt from one forward with dual tensors.
 
-    with torch.no_grad(), fwAD.dual_level():
+    keep_graph=False: the paper's no-grad jvp (F is F⁻). keep_graph=True ("dual" mode): F keeps its
+    autograd graph for the gradient while the tangent rides along and is detached; this saves the
+    separate gradient forward (≈4/3 of a diffusion step instead of ≈5/3). g never has a graph.
+    """
+    cos, sin = _bc(torch.cos(t), x_t), _bc(torch.sin(t), x_t)
+    with (contextlib.nullcontext() if keep_graph else torch.no_grad()), fwAD.dual_level():
         x_d = fwAD.make_dual(x_t / sigma_data, cos * sin * dxdt)
         t_d = fwAD.make_dual(t, torch.cos(t) * torch.sin(t) * sigma_data)
-        F_minus, J = fwAD.unpack_dual(net(x_d, t_d, labels, guidance))
-    g = -cos.square() * (sigma_data * F_minus - dxdt) - warmup_r * (cos * sin * x_t + J)
-    return F_minus, g
-
-
-def consistency_tangent_dual(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor,
-                             sigma_data: float, warmup_r: float, labels=None, guidance=None):
-    """One forward with dual tensors: F_θ keeps its autograd graph (for the gradient) while the
-    tangent J = σ_d cos t sin t dF/dt rides along (detached afterwards). Saves the separate
-    no-grad jvp forward: ≈4/3 of a diffusion step instead of ≈5/3, at the price of the tangent's
-    activations being alive during the forward. Returns (F_θ, F⁻ = sg(F_θ), g)."""
-    cos, sin = _bc(torch.cos(t), x_t), _bc(torch.sin(t), x_t)
-    with fwAD.dual_level():
-        x_d = fwAD.make_dual(x_t / sigma_data, cos * sin * dxdt)
-        t_d = fwAD.make_dual(t, torch.cos(t) * torch.sin(t) * sigma_data)
-        F_theta, J = fwAD.unpack_dual(net(x_d, t_d, labels, guidance))
+        F, J = fwAD.unpack_dual(net(x_d, t_d, labels, guidance))
         J = J.detach()
-    F_minus = F_theta.detach()
-    g = -cos.square() * (sigma_data * F_minus - dxdt) - warmup_r * (cos * sin * x_t + J)
-    return F_theta, F_minus, g
+    g = -cos.square() * (sigma_data * F.detach() - dxdt) - warmup_r * (cos * sin * x_t + J)
+    return F, g
 
 
 def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg: LossConfig,
@@ -167,7 +157,9 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
             ok = (torch.isfinite(x_t) & torch.isfinite(dxdt)).flatten(1).all(dim=1).reshape(-1, *([1] * (x_t.ndim - 1)))
             x_t = torch.where(ok, x_t, torch.zeros_like(x_t))
             dxdt = torch.where(ok, dxdt, torch.full_like(dxdt, float("nan")))
-        F_theta, F_minus, g = consistency_tangent_dual(train_net, x_t, t, dxdt, sigma_data, r, labels, guidance)
+        F_theta, g = consistency_tangent(train_net, x_t, t, dxdt, sigma_data, r, labels, guidance,
+                                         keep_graph=True)
+        F_minus = F_theta.detach()
     else:
         rng = _RNGFork(x0.device)
         F_minus, g = consistency_tangent(net, x_t, t, dxdt, sigma_data, r, labels, guidance)

@@ -97,9 +97,7 @@ class StatsLog:
                         keep.append(line)
                 except json.JSONDecodeError:
                     pass  # a line cut off by a crash
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, path)
+            _write_text_atomic(path, "".join(line + "\n" for line in keep))
         self.f = open(path, "a")
 
     def write(self, obj: dict) -> None:

@@ -31,6 +31,12 @@ class DataConfig:
     sigma_data: float = 0.5               # std of the data (images in [-1, 1], normalized latents)
     conditional: bool = True              # use class labels when the dataset has them
     xflip: bool = False                   # random horizontal flips (the paper uses none)
+    # Latent data (ImageNet-512): the autoencoder that decodes samples, and the per-channel latent
+    # statistics of z_norm = (z − latent_mean)·sigma_data/latent_std. Empty/None = pixel data.
+    # Filled from a prepared latent dataset's metadata; a preset's values must agree with it.
+    encoder: Optional[str] = None         # e.g. stabilityai/sd-vae-ft-mse (HF id or local folder)
+    latent_mean: list[float] = field(default_factory=list)
+    latent_std: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +82,14 @@ class TrainConfig:
     checkpoint_every: int = 500           # steps between checkpoints (and at the end)
     grid_every: int = 500                 # steps between sample grids (and at the end); 0 = off
     keep_checkpoints: int = 2             # newest checkpoints kept on disk; 0 = all
+    # Scale-out (torchrun). `batch` is the global batch and fixes the hyperparameters; each process
+    # runs micro-batches of `batch_per_gpu` and accumulates gradients over batch/(world·batch_per_gpu)
+    # of them, so changing batch_per_gpu or the number of GPUs never changes the optimization.
+    batch_per_gpu: int = 0                # 0 = batch/world (no accumulation)
+    parallel: str = "ddp"                 # ddp | fsdp (FSDP2 fully_shard; XL/XXL presets)
+    precision: str = "fp32"               # fp32 | bf16 (autocast; time embedding stays fp32)
+    compile: bool = False                 # torch.compile the network
+    check_grads_every: int = 0            # debug: every N steps assert gradients agree across ranks
 
 
 @dataclass
@@ -90,6 +104,7 @@ class LossConfig:
     max_guidance: float = 1.0             # sCD with CFG teacher: s ~ U[1, max_guidance]
     jvp_mode: str = "dual"                # dual: one forward carries F_θ (graph) and the tangent;
                                           # separate: no-grad torch.func.jvp, then a grad forward
+    jvp_fp32: bool = False                # under train.precision=bf16: the tangent pass in fp32
 
 
 @dataclass
@@ -127,6 +142,8 @@ CHOICES = {
     "train.optimizer": ("adam", "radam"),
     "loss.tangent_norm": ("l2", "rms", "none"),
     "loss.jvp_mode": ("dual", "separate"),
+    "train.parallel": ("ddp", "fsdp"),
+    "train.precision": ("fp32", "bf16"),
     "sample.solver": ("heun", "dpm2s", "euler"),
 }
 
@@ -309,11 +326,32 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
     return data
 
 
+def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset with its ``extends:`` chain merged in: the named base preset is read first and this
+    file's mappings are merged over it key by key (lists and scalars replace)."""
+    raw = read_preset(name_or_path)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise UsageError(f"preset '{name_or_path}': 'extends' must name one preset")
+    if base in _seen or base == name_or_path:
+        raise UsageError(f"preset '{name_or_path}': 'extends' forms a cycle ({' -> '.join(_seen + (base,))})")
+    return _merge(load_preset(base, _seen + (name_or_path,)), raw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def resolve(preset: str, method: str, overrides: list[str] = (), **fields: Any) -> Config:
     """Build the resolved config for `method` from a preset, keyword fields and `--set` overrides."""
     if method not in METHODS:
         raise UsageError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    raw = read_preset(preset)
+    raw = load_preset(preset)
     methods = raw.pop("methods", {}) or {}
     if not isinstance(methods, dict) or any(k not in METHODS for k in methods):
         raise UsageError(f"preset '{preset}': 'methods' may only have the keys {', '.join(METHODS)}")
@@ -345,6 +383,8 @@ def validate(cfg: Config) -> None:
                          ("network.model_channels", cfg.network.model_channels, 1),
                          ("network.num_blocks", cfg.network.num_blocks, 1),
                          ("train.log_every", t.log_every, 1),
+                         ("train.batch_per_gpu", t.batch_per_gpu, 0),
+                         ("train.check_grads_every", t.check_grads_every, 0),
                          ("train.checkpoint_every", t.checkpoint_every, 1)]:
         if val < lo:
             raise UsageError(f"config key '{key}' must be >= {lo}, got {val}")
@@ -356,6 +396,12 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"config key 'train.lr' must be > 0, got {t.lr}")
     if cfg.loss.max_guidance < 1:
         raise UsageError("config key 'loss.max_guidance' must be >= 1")
+    if t.batch_per_gpu and t.batch % t.batch_per_gpu:
+        raise UsageError(f"train.batch ({t.batch}) must be a multiple of train.batch_per_gpu ({t.batch_per_gpu})")
+    if len(cfg.data.latent_mean) != len(cfg.data.latent_std):
+        raise UsageError("data.latent_mean and data.latent_std must have the same length")
+    if any(s <= 0 for s in cfg.data.latent_std):
+        raise UsageError("data.latent_std values must be > 0")
     if cfg.data.sigma_data <= 0:
         raise UsageError("config key 'data.sigma_data' must be > 0")
     if not 0 < cfg.sample.t_mid < 1.5707963:

@@ -1,4 +1,10 @@
-"""`scmctl refine`: re-noise given images to time t and denoise them with the model."""
+"""`scmctl refine`: re-noise given images to time t and denoise them with the model.
+
+Pixel models take images of exactly the model's size. Latent models (data.encoder set) take RGB
+images of any size: each is ADM center-cropped to the VAE's pixel size (latent side × 8 for
+sd-vae-ft-mse, e.g. 512x512; an image of exactly that size is unchanged), VAE-encoded (posterior
+mean) and normalized, refined in latent space, and decoded back to PNGs.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from scmctl.errors import UsageError
 
 @app.command("refine")
 def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
-               input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", help="Folder of images to refine."),
+               input_dir: Path = typer.Argument(..., metavar="INPUT_DIR", help="Folder of images to refine (latent models: any size, ADM center-cropped to the VAE's pixel size, e.g. 512x512)."),
                t: List[float] = typer.Option([], "--t", help="Re-noising time (repeat for several rounds); default: t_mid."),
                label: Optional[str] = typer.Option(None, "--label", help="Class index, or 'random' (per seed)."),
                guidance: float = typer.Option(1.0, "--guidance"),
@@ -29,8 +35,10 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
     import numpy as np
     import torch
 
-    from scmctl.cli.sample import default_out, load_for_sampling, parse_label
-    from scmctl.data.imageio import from_uint8, list_image_files, read_image, to_uint8, write_png
+    from scmctl.cli.sample import default_out
+    from scmctl.data.imageio import list_image_files, read_image, read_image_adm, write_png
+    from scmctl.data.latents import decode_to_uint8, encode_from_uint8, is_latent, pixel_resolution
+    from scmctl.generation import load_for_sampling, parse_label
     from scmctl.sampling import refine
 
     if batch < 1:
@@ -42,7 +50,20 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
         if not 0 < tt < 1.5707963:
             raise UsageError(f"--t must be in (0, π/2), got {tt}")
     cls = parse_label(label, net.num_classes)
+    latent = is_latent(cfg.data)
     res, ch = cfg.network.resolution, cfg.network.channels
+    pixel_res = pixel_resolution(cfg.data, res)      # latents: latent side x the VAE's downsampling
+
+    def load(f: Path) -> np.ndarray:
+        if latent:  # any size: RGB, ADM center crop to the VAE's pixel size (identity at that size)
+            return read_image_adm(f, pixel_res)
+        a = read_image(f)
+        if a.shape[0] != res or a.shape[1] != res:
+            raise UsageError(f"{f}: is {a.shape[1]}x{a.shape[0]}, the model makes {res}x{res} images")
+        if a.shape[2] != ch:
+            a = a.mean(axis=2, keepdims=True).round().astype(np.uint8) if ch == 1 else np.repeat(a, 3, axis=2)
+        return a
+
     out = out or default_out(model).with_name("refined")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -50,26 +71,18 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
         task = bar.add_task("refining", total=len(files), info="")
         for start in range(0, len(files), batch):
             chunk = files[start:start + batch]
-            imgs = []
-            for f in chunk:
-                a = read_image(f)
-                if a.shape[0] != res or a.shape[1] != res:
-                    raise UsageError(f"{f}: is {a.shape[1]}x{a.shape[0]}, the model makes {res}x{res} images")
-                if a.shape[2] != ch:
-                    a = a.mean(axis=2, keepdims=True).round().astype(np.uint8) if ch == 1 else np.repeat(a, 3, axis=2)
-                imgs.append(a)
-            x0 = from_uint8(np.stack(imgs)).to(dev)
+            x0 = encode_from_uint8(cfg.data, np.stack([load(f) for f in chunk]), dev)
             seeds = list(range(seed + start, seed + start + len(chunk)))
             labels = torch.full((len(chunk),), cls, dtype=torch.long, device=dev) if cls is not None else None
             y = refine(net, kind, x0, seeds, times, cfg.data.sigma_data, cfg.sample.solver,
                        cfg.sample.solver_steps, labels, guidance)
-            for f, img in zip(chunk, to_uint8(y)):
+            for f, img in zip(chunk, decode_to_uint8(cfg.data, y, dev)):
                 rel = f.relative_to(input_dir).with_suffix(".png")
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
                 write_png(out / rel, img)
             bar.update(task, completed=start + len(chunk))
     summary = {"count": len(files), "out": str(out), "t": times, "kind": kind, "checkpoint": ckpt["path"],
-               "time_s": round(time.perf_counter() - t0, 3)}
+               "resolution": pixel_res, "latent": latent, "time_s": round(time.perf_counter() - t0, 3)}
     if json_out:
         emit_json(summary)
     else:

@@ -1,8 +1,12 @@
 """Training data: the built-in digits, image folders, the CIFAR-10 python archive, arrays.
 
-:func:`load_dataset` turns a ``--data`` value into an :class:`ImageData` (uint8 NCHW images,
-optional labels); :func:`batch_indices` gives the data order of a training step, derived from
-(seed, step) alone so that a resumed run sees exactly the batches an uninterrupted one would.
+:func:`load_dataset` turns a ``--data`` value into a dataset: an :class:`ImageData` (uint8 NCHW
+images in memory, optional labels), or for prepared folders a :class:`MappedImageData` or
+:class:`LatentData`. All three have ``len()``, ``channels``/``height``/``width`` (of x0 in model
+space), ``num_classes``, ``class_names``, ``source``, ``kind`` ("pixels" or "latents") and
+``batch(indices) -> (float32 NCHW x0 in model space, int64 labels or None)``.
+:func:`batch_indices` gives the data order of a training step, derived from (seed, step) alone so
+that a resumed run sees exactly the batches an uninterrupted one would.
 
 Accepted ``path`` values
 ------------------------
@@ -20,6 +24,11 @@ Accepted ``path`` values
   append ``:test`` for the test split (``cifar-10-python.tar.gz:test``) or ``:train`` to be
   explicit. Its pickled batches are read by a restricted unpickler that only rebuilds containers,
   numbers, strings and numpy arrays: a batch that asks for anything else is refused, never run.
+- A prepared dataset folder written by ``scmctl data`` (it holds ``dataset.json``): pixels
+  (``images.npy``, uint8 N x H x W x C) as a :class:`MappedImageData`, or VAE latents
+  (``latents.npy``, the posterior mean and std) as a :class:`LatentData`. Arrays are memory-mapped,
+  never read whole (ImageNet-64 is 15.7 GB); labels are held in memory. ``resolution`` must be
+  None or the prepared size (latents: the latent side or the image side).
 - ``.npz``: images under ``images``, ``x`` or ``arr_0``; optional integer labels under ``labels``,
   ``y`` or ``arr_1`` (K = max label + 1 classes, named "0".."K-1"). ``.npy``: images only. Arrays
   must be uint8 (0..255) and shaped (N, H, W), (N, C, H, W) or (N, H, W, C) with C = 1 or 3
@@ -63,11 +72,16 @@ _SPLITS = ("train", "test")
 _NPZ_IMAGE_KEYS = ("images", "x", "arr_0")
 _NPZ_LABEL_KEYS = ("labels", "y", "arr_1")
 _RESIZE_CHUNK = 2048            # images per interpolate call: bounds the float32 copy's memory
+DATASET_JSON = "dataset.json"   # prepared folders (scmctl data ...): metadata, format, version
+DATASET_FORMAT = "scmctl-dataset"
+DATASET_VERSION = 1
 
 
 @dataclass
 class ImageData:
     """A dataset in memory: uint8 images (N, C, H, W), optional int64 labels (N,)."""
+
+    kind = "pixels"                                      # class attribute, not a field
 
     images: torch.Tensor
     labels: torch.Tensor | None
@@ -96,8 +110,224 @@ class ImageData:
         y = self.labels[indices] if self.labels is not None else None
         return x, y
 
+    def uint8(self, indices) -> np.ndarray:
+        """Images ``indices`` as uint8 NHWC (for reference statistics, previews)."""
+        return self.images[torch.as_tensor(indices)].permute(0, 2, 3, 1).numpy()
 
-def load_dataset(path: str | os.PathLike | None, resolution: int | None = None) -> ImageData:
+
+class _Prepared:
+    """Shared part of the prepared-folder datasets: metadata, labels, a lazily opened memmap
+    (dropped when pickled, e.g. into DataLoader workers, and reopened there)."""
+
+    kind = ""
+    _file_key = ""
+
+    def __init__(self, root: Path, meta: dict):
+        self.root = Path(root)
+        self.meta = meta
+        self.class_names: list[str] = list(meta.get("class_names") or [])
+        self.num_classes = len(self.class_names)
+        self._array: np.ndarray | None = None
+        arr = self.array                                  # validates the file now, not mid-training
+        if arr.shape[0] != meta["count"]:
+            raise UsageError(f"{self.root / meta['files'][self._file_key]}: holds {arr.shape[0]} "
+                             f"entries but {DATASET_JSON} says {meta['count']}")
+        self.labels = None
+        if meta["files"].get("labels"):
+            lab_path = self.root / meta["files"]["labels"]
+            lab = _np_load(lab_path, mmap=False)
+            if lab.dtype.kind not in "iu" or lab.shape != (arr.shape[0],):
+                raise UsageError(f"{lab_path}: expected {arr.shape[0]} integer labels, got "
+                                 f"{lab.dtype} {tuple(lab.shape)}")
+            if lab.size and (lab.min() < 0 or lab.max() >= max(self.num_classes, 1)):
+                raise UsageError(f"{lab_path}: labels outside 0..{self.num_classes - 1}")
+            self.labels = torch.from_numpy(lab.astype(np.int64))
+        elif self.num_classes:
+            raise UsageError(f"{self.root / DATASET_JSON}: names classes but no labels file")
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = _np_load(self.root / self.meta["files"][self._file_key], mmap=True)
+        return self._array
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_array"] = None
+        return state
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    def _rows(self, indices) -> np.ndarray:
+        """Rows ``indices`` of the memmap, read in sorted order (sequential on disk), in the given order."""
+        idx = np.asarray(torch.as_tensor(indices).cpu().numpy(), dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for a dataset of {len(self)}")
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        return np.asarray(self.array[uniq])[inverse.reshape(-1)]
+
+    def _labels(self, indices) -> torch.Tensor | None:
+        return self.labels[torch.as_tensor(indices).cpu()] if self.labels is not None else None
+
+
+class MappedImageData(_Prepared):
+    """A prepared pixel dataset: ``images.npy`` uint8 (N, H, W, C), memory-mapped."""
+
+    kind = "pixels"
+    _file_key = "images"
+
+    def __init__(self, root: Path, meta: dict):
+        super().__init__(root, meta)
+        a = self.array
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[3] not in (1, 3):
+            raise UsageError(f"{self.root / meta['files']['images']}: expected uint8 (N, H, W, C) "
+                             f"with C = 1 or 3, got {a.dtype} {tuple(a.shape)}")
+        self.source = (f"prepared dataset {self.root} ({len(self)} images {self.height}x{self.width}, "
+                       + (f"{self.num_classes} classes)" if self.num_classes else "unlabeled)"))
+
+    @property
+    def channels(self) -> int:
+        return int(self.array.shape[3])
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[2])
+
+    def uint8(self, indices) -> np.ndarray:
+        return self._rows(indices)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images ``indices`` as float32 NCHW in [-1, 1] (x/127.5 - 1), labels."""
+        x = torch.from_numpy(self._rows(indices)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return x.contiguous(), self._labels(indices)
+
+
+class LatentData(_Prepared):
+    """A prepared latent dataset: ``latents.npy`` (N, 2, C, h, w) float16/32 holding the VAE
+    posterior's mean ([:, 0]) and std ([:, 1]) of each image's raw latents, memory-mapped.
+
+    :meth:`batch` samples z = mean + std·ε (ε ~ N(0, I) from torch's global RNG, which the training
+    loop seeds per step) and returns z_norm = (z − latent_mean)·sigma_data/latent_std with the
+    statistics recorded in ``dataset.json`` (SCM_NOTES §6).
+    """
+
+    kind = "latents"
+    _file_key = "latents"
+
+    def __init__(self, root: Path, meta: dict):
+        super().__init__(root, meta)
+        a = self.array
+        where = self.root / meta["files"]["latents"]
+        if a.dtype not in (np.float16, np.float32) or a.ndim != 5 or a.shape[1] != 2:
+            raise UsageError(f"{where}: expected float16/float32 (N, 2, C, h, w), got {a.dtype} "
+                             f"{tuple(a.shape)}")
+        self.encoder: str = meta["encoder"]
+        self.latent_mean = [float(v) for v in meta["latent_mean"]]
+        self.latent_std = [float(v) for v in meta["latent_std"]]
+        self.sigma_data = float(meta["sigma_data"])
+        if len(self.latent_mean) != a.shape[2] or len(self.latent_std) != a.shape[2]:
+            raise UsageError(f"{self.root / DATASET_JSON}: latent_mean/latent_std need {a.shape[2]} "
+                             f"values (one per latent channel)")
+        if min(self.latent_std) <= 0 or self.sigma_data <= 0:
+            raise UsageError(f"{self.root / DATASET_JSON}: latent_std and sigma_data must be > 0")
+        self.image_resolution = int(meta["image_resolution"])
+        self.source = (f"latent dataset {self.root} ({len(self)} images {self.image_resolution}x"
+                       f"{self.image_resolution} as {self.channels}x{self.height}x{self.width} "
+                       f"latents of {self.encoder}, "
+                       + (f"{self.num_classes} classes)" if self.num_classes else "unlabeled)"))
+
+    @property
+    def channels(self) -> int:
+        return int(self.array.shape[2])
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[3])
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[4])
+
+    def posterior(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw posterior (mean, std) of ``indices``, float32 (N, C, h, w)."""
+        rows = torch.from_numpy(self._rows(indices).astype(np.float32, copy=False))
+        return rows[:, 0], rows[:, 1]
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mean, std = self.posterior(indices)
+        z = mean + std * torch.randn(mean.shape, dtype=torch.float32)
+        from scmctl.data.latents import normalize
+
+        return normalize(z, self.latent_mean, self.latent_std, self.sigma_data), self._labels(indices)
+
+
+def _np_load(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{path}: cannot read ({e.__class__.__name__}: {e}); prepare the dataset "
+                         f"again") from None
+    if not isinstance(arr, np.ndarray):
+        raise UsageError(f"{path}: not an .npy array")
+    return arr
+
+
+def read_metadata(root: str | os.PathLike) -> dict:
+    """``dataset.json`` of a prepared folder, checked; a UsageError names what is wrong."""
+    import json
+
+    path = Path(root) / DATASET_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{root}: not a prepared dataset (no {DATASET_JSON}); make one with "
+                         f"scmctl data cifar10|imagenet|latents") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: unreadable ({e.__class__.__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != DATASET_FORMAT:
+        raise UsageError(f"{path}: not an scmctl dataset description (format != {DATASET_FORMAT})")
+    if meta.get("version") != DATASET_VERSION:
+        raise UsageError(f"{path}: dataset format version {meta.get('version')} is not supported "
+                         f"(this scmctl reads version {DATASET_VERSION}); prepare it again")
+    need = {"pixels": ("count", "files"), "latents": ("count", "files", "encoder", "latent_mean",
+                                                      "latent_std", "sigma_data", "image_resolution")}
+    kind = meta.get("kind")
+    if kind not in need:
+        raise UsageError(f"{path}: unknown dataset kind {kind!r} (pixels or latents)")
+    missing = [k for k in need[kind] if k not in meta]
+    key = "images" if kind == "pixels" else "latents"
+    if missing or not isinstance(meta["files"], dict) or key not in meta["files"]:
+        raise UsageError(f"{path}: incomplete ({', '.join(missing) or 'files.' + key} missing)")
+    for name in meta["files"].values():          # file names only: never a path out of the folder
+        if name is not None and (not isinstance(name, str) or Path(name).name != name):
+            raise UsageError(f"{path}: bad file name {name!r} in 'files'")
+    return meta
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / DATASET_JSON).is_file()
+
+
+def _load_prepared(p: Path, resolution: int | None):
+    meta = read_metadata(p)
+    ds = MappedImageData(p, meta) if meta["kind"] == "pixels" else LatentData(p, meta)
+    ok = {ds.height} | ({ds.image_resolution} if ds.kind == "latents" else set())
+    if resolution is not None and (ds.height != ds.width or resolution not in ok):
+        raise UsageError(f"{p}: prepared at {ds.height}x{ds.width}"
+                         + (f" (latents of {ds.image_resolution}x{ds.image_resolution} images)"
+                            if ds.kind == "latents" else "")
+                         + f", not {resolution}; prepare it again at that resolution or leave "
+                           f"data.resolution unset")
+    return ds
+
+
+def load_dataset(path: str | os.PathLike | None, resolution: int | None = None):
     """Load the dataset named by ``path`` (the module docstring lists formats, ``resolution``)."""
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
                                    or resolution < 1):
@@ -111,6 +341,8 @@ def load_dataset(path: str | os.PathLike | None, resolution: int | None = None) 
         raise UsageError(f"{spec}: no such file or directory")
     name = p.name.lower()
     is_tar = name.endswith((".tar.gz", ".tgz", ".tar"))
+    if split is None and is_prepared(p):
+        return _load_prepared(p, resolution)
     if p.is_dir() and _is_cifar_folder(p):
         data = _load_cifar(p, split or "train", from_tar=False)
     elif p.is_file() and is_tar:

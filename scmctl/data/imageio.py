@@ -49,6 +49,42 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
+def center_crop_adm(image, resolution: int) -> np.ndarray:
+    """ADM's center crop of a PIL image to uint8 (resolution, resolution, C), as in ADM
+    (Dhariwal & Nichol 2021, guided-diffusion ``center_crop_arr``) and the sCM ImageNet setups:
+
+    1. while the shorter side is >= 2·resolution, halve both sides (floor) with PIL's BOX filter;
+    2. resize with PIL's BICUBIC so the shorter side becomes ``resolution`` (the longer side
+       ``round(side·scale)``, Python's round);
+    3. cut the centred square at offsets ((H − resolution)//2, (W − resolution)//2). No flips.
+    """
+    from PIL import Image
+
+    while min(image.size) >= 2 * resolution:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)),
+                         resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    y = (arr.shape[0] - resolution) // 2
+    x = (arr.shape[1] - resolution) // 2
+    return np.ascontiguousarray(arr[y:y + resolution, x:x + resolution])
+
+
+def read_image_adm(path: str | os.PathLike, resolution: int) -> np.ndarray:
+    """An image file as RGB (grayscale, CMYK, palette and alpha converted like ADM does), ADM
+    center-cropped to uint8 (resolution, resolution, 3); unreadable files are UsageErrors."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{path}: cannot read image ({e.__class__.__name__})") from None
+    return center_crop_adm(rgb, resolution)
+
+
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write uint8 HWC (or HW) as PNG atomically: a half-written file never has the final name."""
     from PIL import Image

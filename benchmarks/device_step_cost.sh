@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/step_cost_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
-run() { echo "== $*"; timeout 150 $PY benchmarks/step_cost.py --device cuda --threads 8 --steps 8 --warmup 3 "$@" 2>&1; }
+run() { echo "== $*"; timeout 150 $PY benchmarks/train_step.py --device cuda --threads 8 --steps 8 --warmup 3 "$@" 2>&1; }
 {
   nvidia-smi --query-gpu=name --format=csv,noheader
   run --preset cifar10 --batch 128

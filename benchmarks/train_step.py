@@ -1,7 +1,9 @@
-"""Cost of one sCT (and sCD) training step relative to one diffusion step, same network and batch.
+"""Training-step throughput and memory of diffusion, sCT and sCD steps of one preset network.
 
-Prints measured ratios (targets from the foundation issue: sCT <= 1.5x the diffusion step's time
-and <= 1.3x its peak memory; the paper's sCD is about 2x). Each variant runs in its own process:
+Prints images/s and peak memory per step kind, and the ratios to the diffusion step measured in the
+same run (targets: sCT <= 1.5x the diffusion step's time and <= 1.3x its memory; sCD about 2x, as in
+the paper). The step is the training loop's own (scmctl.training.loop.build_model: bf16 autocast,
+fp32 tangent, torch.compile as the preset or --set says). Each variant runs in its own process:
 
 - time: median wall time of --steps steps after --warmup steps (torch.cuda.synchronize on GPU);
 - memory on CUDA: torch.cuda.max_memory_allocated during the timed steps;
@@ -11,8 +13,9 @@ and <= 1.3x its peak memory; the paper's sCD is about 2x). Each variant runs in 
   64 KiB or more (MALLOC_MMAP_THRESHOLD_) and to trim its heap, so freed tensors leave the resident
   set at once: the step's own working memory (activations, tangents), like the CUDA figure.
 
-    python benchmarks/step_cost.py                       # tiny preset, CPU
-    python benchmarks/step_cost.py --preset cifar10 --batch 64 --device cuda
+    python benchmarks/train_step.py                       # tiny preset, CPU
+    python benchmarks/train_step.py --preset cifar10 --batch 128 --device cuda
+    python benchmarks/train_step.py --preset imagenet512-s --batch 32 --device cuda   # bf16 preset
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ def child(args) -> dict:
     import torch
 
     from scmctl import config
+    from scmctl.distributed import Dist
     from scmctl.nn.unet import build_network
-    from scmctl.training.loop import make_optimizer, select_device, training_step
+    from scmctl.training.loop import build_model, make_optimizer, select_device, training_step
 
     torch.set_num_threads(args.threads)
     cfg = config.resolve(args.preset, args.method, args.set)
@@ -64,11 +68,14 @@ def child(args) -> dict:
     net_cfg.num_classes = net_cfg.num_classes or 0
     dev = select_device(args.device)
     torch.manual_seed(0)
-    net = build_network(net_cfg, dev).train()
-    opt = make_optimizer(cfg, net.parameters())
     teacher = None
     if args.method == "scd":
         teacher = build_network(net_cfg, dev).eval().requires_grad_(False)
+        if cfg.loss.max_guidance > 1 and net_cfg.num_classes:
+            net_cfg.guidance_input = True  # as `scmctl distill` builds the student
+    net = build_network(net_cfg, dev).train()
+    model = build_model(cfg, net, Dist(device=dev), teacher)
+    opt = make_optimizer(cfg, net.parameters())
     x0 = torch.randn(args.batch, net_cfg.channels, net_cfg.resolution, net_cfg.resolution, device=dev) * 0.5
     onehot = None
     if net_cfg.num_classes:
@@ -76,7 +83,7 @@ def child(args) -> dict:
                                              net_cfg.num_classes).float()
 
     def step(i):
-        training_step(cfg, net, opt, x0, onehot, 20000 + i, cfg.train.lr, teacher)
+        training_step(cfg, net, opt, x0, onehot, 20000 + i, cfg.train.lr, teacher, model=model)
 
     def sync():
         if dev.type == "cuda":
@@ -106,7 +113,8 @@ def child(args) -> dict:
     return {"method": args.method, "time_s": statistics.median(times), "mem_bytes": mem,
             "mem_kind": mem_kind, "device": str(dev),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-            "params": sum(p.numel() for p in net.parameters())}
+            "params": sum(p.numel() for p in net.parameters()),
+            "precision": cfg.train.precision, "jvp_fp32": cfg.loss.jvp_fp32, "compile": cfg.train.compile}
 
 
 def _run_child(cmd, env, name) -> dict:
@@ -142,15 +150,21 @@ def main() -> None:
             results[m].update(mem_bytes=mem["mem_bytes"], mem_kind=mem["mem_kind"])
     d = results["diffusion"]
     print(f"preset {args.preset}, batch {args.batch}, device {d['device']} {d['gpu'] or ''}, "
-          f"{d['params']:,} parameters; memory = {d['mem_kind']}")
-    print(f"{'step':<10} {'time (ms)':>10} {'x diffusion':>12} {'memory (MiB)':>13} {'x diffusion':>12}")
+          f"{d['params']:,} parameters, precision {d['precision']} (fp32 tangent: {d['jvp_fp32']}), "
+          f"compile {d['compile']}; memory = {d['mem_kind']}")
+    print(f"{'step':<10} {'img/s':>9} {'time (ms)':>10} {'x diffusion':>12} {'memory (MiB)':>13} {'x diffusion':>12}")
     for m, r in results.items():
-        print(f"{m:<10} {r['time_s'] * 1e3:>10.1f} {r['time_s'] / d['time_s']:>12.2f} "
+        print(f"{m:<10} {args.batch / r['time_s']:>9.1f} {r['time_s'] * 1e3:>10.1f} {r['time_s'] / d['time_s']:>12.2f} "
               f"{r['mem_bytes'] / 2**20:>13.1f} {r['mem_bytes'] / max(d['mem_bytes'], 1):>12.2f}")
     if "sct" in results:
         s = results["sct"]
         print(f"sCT/diffusion: time {s['time_s'] / d['time_s']:.2f}x (target <= 1.5x), "
               f"memory {s['mem_bytes'] / max(d['mem_bytes'], 1):.2f}x (target <= 1.3x)")
+    if "scd" in results:
+        print(f"sCD/diffusion: time {results['scd']['time_s'] / d['time_s']:.2f}x (paper: about 2x)")
+    print(json.dumps({"preset": args.preset, "batch": args.batch, "gpu": d["gpu"], "device": d["device"],
+                      "results": {m: {"images_per_s": args.batch / r["time_s"], "time_s": r["time_s"],
+                                      "mem_bytes": r["mem_bytes"]} for m, r in results.items()}}))
 
 
 if __name__ == "__main__":

@@ -136,19 +136,30 @@ def teacher_times(steps: int, sigma_data: float, t_start: Optional[float] = None
     return trigflow.edm_time_grid(steps, sigma_data, sigma_max=sigma_max, sigma_min=min(0.002, sigma_max))
 
 
+def num_draws(kind: str, steps: int, t_max: float, t_mid: float = 1.1,
+              ts: Optional[Sequence[float]] = None) -> int:
+    """Noise images drawn per seed: one per consistency step, one for an ODE solve."""
+    return len(consistency_times(steps, t_max, t_mid, ts)) if kind == "consistency" else 1
+
+
 @torch.no_grad()
 def generate(net, kind: str, seeds: Sequence[int], shape: tuple[int, ...], sigma_data: float,
              steps: int, t_mid: float = 1.1, ts: Optional[Sequence[float]] = None,
              solver: str = "heun", labels: Optional[torch.Tensor] = None, guidance: float = 1.0,
-             device="cpu") -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Images (float, data space) for `seeds`; returns (x0, labels, network evaluations per batch)."""
+             device="cpu", draws: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+             ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Images (float, data space) for `seeds`; returns (x0, labels, network evaluations per batch).
+
+    `draws`: the result of :func:`per_image_draws` for these seeds (with :func:`num_draws` noises),
+    when drawn ahead of time (e.g. on another thread while the previous batch runs); moved to
+    `device` here."""
     num_classes = getattr(net, "num_classes", 0)
     tmax = trigflow.t_max(sigma_data)
     if kind == "consistency":
         times = consistency_times(steps, tmax, t_mid, ts)
-        noises, drawn = per_image_draws(seeds, shape, len(times), num_classes, device)
-    else:
-        noises, drawn = per_image_draws(seeds, shape, 1, num_classes, device)
+    if draws is None:
+        draws = per_image_draws(seeds, shape, num_draws(kind, steps, tmax, t_mid, ts), num_classes, device)
+    noises, drawn = draws[0].to(device), (draws[1].to(device) if draws[1] is not None else None)
     lab = labels if labels is not None else drawn
     vel = Velocity(net, sigma_data, lab, guidance)
     if kind == "consistency":

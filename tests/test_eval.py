@@ -7,6 +7,7 @@ only) to check that both clean-fid modes reproduce clean-fid's own pipeline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -192,10 +193,13 @@ def fid_json(capsys, samples, ref, det, *extra):
 
 def test_fid_folder_vs_itself_and_shifted(capsys, data):
     r = fid_json(capsys, data["A"], data["A"], data["det"])
-    assert set(r) == {"metric", "value", "n", "ref", "detector", "mode", "n_ref"}
+    assert set(r) == {"metric", "value", "min", "mean", "values", "n", "repeat", "seeds", "mode", "detector",
+                      "detector_sha256", "ref", "ref_sha256", "n_ref", "samples"}
     assert (r["metric"], r["n"], r["n_ref"], r["detector"], r["mode"]) == ("fid", 64, 64, data["det"], "native")
-    assert r["ref"] == str(data["A"])
-    assert 0.0 <= r["value"] < 1e-9
+    assert (r["ref"], r["samples"], r["repeat"], r["seeds"]) == (str(data["A"]), str(data["A"]), 1, None)
+    assert r["detector_sha256"] == hashlib.sha256(Path(data["det"]).read_bytes()).hexdigest()
+    assert r["ref_sha256"] is None  # a folder, not a file
+    assert 0.0 <= r["value"] < 1e-9 and r["values"] == [r["value"]] == [r["min"]] == [r["mean"]]
 
     r = fid_json(capsys, data["A"], data["B"], data["det"], "--batch", "7")  # ragged batches
     expected = numpy_fid(data["a"], data["b"])

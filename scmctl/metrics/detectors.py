@@ -1,24 +1,36 @@
-"""Feature detectors for FID (and later KID, precision/recall): uint8 images in, (N, D) features out.
+"""Feature detectors for FID, FD_DINOv2, KID and precision/recall: uint8 images in, (N, D) out.
 
 A :class:`Detector` takes a uint8 NCHW tensor (1 or 3 channels; grayscale is repeated to RGB) and
-returns float32 (N, D) features on the CPU. Two kinds exist:
+returns float32 (N, D) features on the CPU; :meth:`Detector.sha256` identifies its weights file.
+Three kinds exist:
 
 - :class:`InceptionDetector`: clean-fid's TF-Inception (pool3, 2048-d), built offline from a local
-  ``inception-2015-12-05.pt`` (see :func:`find_inception_weights`; nothing is ever downloaded).
+  ``inception-2015-12-05.pt`` (see :func:`find_inception_weights`; clean-fid's downloader is
+  never reached).
   ``legacy_tensorflow`` feeds the uint8 images at native size to the network, which resizes inside
   (what EDM and sCM report); ``clean`` first resizes each channel to 299×299 with PIL bicubic in
   float (clean-fid's own resizer) and feeds the network without its internal resize.
+- :class:`~scmctl.metrics.dinov2.DINOv2Detector`: DINOv2 ViT-L/14 CLS features (1024-d) for
+  FD_DINOv2 (EDM2), from a local ``dinov2_vitl14_pretrain.pth``.
 - :class:`TorchScriptDetector`: any TorchScript module mapping uint8 NCHW (3 channels) to (N, D)
   features, fed at native size (mode ``native``): for offline use and other domains.
+
+Weights are offline-first (:func:`find_weights`): an explicit ``--inception``/``--dinov2`` path,
+then ``$SCMCTL_CACHE`` (default ``~/.cache/scmctl``), then read-only copies other tools left behind.
+A missing file is one UsageError line naming the file, its public URL and where to put it; only
+``--download`` fetches it (into the cache, atomically, with a timeout), never with
+``SCMCTL_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,35 +49,117 @@ NATIVE_MODE = "native"
 # switch the fallback off and never touch the real path).
 CLEANFID_WEIGHT_DIRS: tuple[str, ...] = ("./",) if platform.system() == "Windows" else ("/tmp",)
 
+DINOV2_FILE = "dinov2_vitl14_pretrain.pth"
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" + DINOV2_FILE
+# torch.hub's download folder (EDM2 fetches DINOv2 through torch.hub): read-only use, a module
+# attribute so tests can switch it off.
+DINOV2_WEIGHT_DIRS: tuple[str, ...] = (
+    str(Path(os.environ.get("TORCH_HOME") or "~/.cache/torch").expanduser() / "hub" / "checkpoints"),)
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A detector's weights: file name, public URL, the option that points at it, read-only dirs."""
+
+    what: str
+    file: str
+    url: str
+    option: str
+
+    def extra_dirs(self) -> tuple[str, ...]:
+        return CLEANFID_WEIGHT_DIRS if self.file == INCEPTION_FILE else DINOV2_WEIGHT_DIRS
+
+
+INCEPTION_WEIGHTS = WeightsFile("Inception", INCEPTION_FILE, INCEPTION_URL, "--inception")
+DINOV2_WEIGHTS = WeightsFile("DINOv2 ViT-L/14", DINOV2_FILE, DINOV2_URL, "--dinov2")
+
 
 def cache_dir() -> Path:
     """scmctl's cache folder: ``$SCMCTL_CACHE``, default ``~/.cache/scmctl``."""
     return Path(os.environ.get("SCMCTL_CACHE") or "~/.cache/scmctl").expanduser()
 
 
+def offline() -> bool:
+    """True when ``SCMCTL_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value (1, true, yes, on)."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("SCMCTL_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def weight_candidates(spec: WeightsFile) -> list[Path]:
+    """Where :func:`find_weights` looks, in order (after the explicit option)."""
+    return [cache_dir() / spec.file] + [Path(d) / spec.file for d in spec.extra_dirs()]
+
+
 def inception_weight_candidates() -> list[Path]:
-    """Where :func:`find_inception_weights` looks, in order (after ``--inception-weights``)."""
-    return [cache_dir() / INCEPTION_FILE] + [Path(d) / INCEPTION_FILE for d in CLEANFID_WEIGHT_DIRS]
+    return weight_candidates(INCEPTION_WEIGHTS)
 
 
-def find_inception_weights(explicit: str | os.PathLike | None = None) -> Path:
-    """The local Inception weights file; a UsageError (one line, no network access) if absent.
+def find_weights(spec: WeightsFile, explicit: str | os.PathLike | None = None,
+                 download: bool = False) -> Path:
+    """The local weights file; a one-line UsageError (and no network access) if absent.
 
-    ``explicit`` (``--inception-weights``) may be the file itself or a folder holding it.
+    ``explicit`` (``--inception``/``--dinov2``) may be the file itself or a folder holding it.
+    With ``download`` (and not offline) a missing file is fetched into the cache first.
     """
     if explicit is not None:
         p = Path(explicit).expanduser()
         if p.is_dir():
-            p = p / INCEPTION_FILE
+            p = p / spec.file
         if not p.is_file():
-            raise UsageError(f"--inception-weights {explicit}: no such file (expected {INCEPTION_FILE}, "
-                             f"from {INCEPTION_URL})")
+            raise UsageError(f"{spec.option} {explicit}: no such file (expected {spec.file}, from {spec.url})")
         return p
-    for p in inception_weight_candidates():
+    for p in weight_candidates(spec):
         if p.is_file():
             return p
-    raise UsageError(f"Inception weights {INCEPTION_FILE} not found: download {INCEPTION_URL} and put it "
-                     f"in {cache_dir()}/ (or set SCMCTL_CACHE=DIR, or pass --inception-weights FILE)")
+    if download and not offline():
+        return download_weights(spec)
+    where = (f"download {spec.url} and put it in {cache_dir()}/ (or set SCMCTL_CACHE=DIR, or pass "
+             f"{spec.option} FILE")
+    if offline():
+        raise UsageError(f"{spec.what} weights {spec.file} not found and offline mode is on "
+                         f"(SCMCTL_OFFLINE/HF_HUB_OFFLINE): {where})")
+    raise UsageError(f"{spec.what} weights {spec.file} not found: {where}, or add --download)")
+
+
+def find_inception_weights(explicit: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """:func:`find_weights` for clean-fid's ``inception-2015-12-05.pt``."""
+    return find_weights(INCEPTION_WEIGHTS, explicit, download)
+
+
+def download_weights(spec: WeightsFile, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Fetch ``spec.url`` into the cache: a temporary file renamed into place when complete."""
+    import urllib.request
+    from urllib.error import URLError
+
+    if offline():
+        raise UsageError(f"refusing to download {spec.url}: offline mode is on (SCMCTL_OFFLINE/HF_HUB_OFFLINE)")
+    dest = cache_dir() / spec.file
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(spec.url, timeout=timeout) as r:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except (URLError, OSError, TimeoutError) as e:
+        raise UsageError(f"cannot download {spec.url} ({e.__class__.__name__}: {str(e)[:120]}): download "
+                         f"it yourself and put it in {dest.parent}/") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -97,9 +191,17 @@ class Detector:
     name: str = "detector"
     mode: str = NATIVE_MODE
     feature_dim: int | None = None
+    weights: Path | None = None  # the file whose sha256 identifies the detector
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        self._sha256: str | None = None
+
+    def sha256(self) -> str | None:
+        """sha256 of the weights file (computed once), recorded with every statistic and result."""
+        if self._sha256 is None and self.weights is not None:
+            self._sha256 = sha256_file(self.weights)
+        return self._sha256
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a batch of uint8 NCHW images (C = 1 or 3), as float32 (N, D) on the CPU."""
@@ -139,9 +241,10 @@ class TorchScriptDetector(Detector):
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
         super().__init__(device)
         self.path = Path(path)
+        self.weights = self.path
         self.name = str(path)
         if not self.path.is_file():
-            raise UsageError(f"--detector {path}: no such file (use 'inception' or a TorchScript .pt file)")
+            raise UsageError(f"--detector {path}: no such file (use 'inception', 'dinov2' or a TorchScript .pt file)")
         try:
             module = _load_torchscript(self.path)
         except Exception as e:  # zip/format errors come as RuntimeError, others vary
@@ -217,20 +320,29 @@ class InceptionDetector(Detector):
         return self.net(x.contiguous().to(self.device))
 
 
-def load_detector(spec: str, mode: str | None = None, device: str | torch.device = "cpu",
-                  inception_weights: str | os.PathLike | None = None) -> Detector:
-    """``spec`` = ``inception`` or the path of a TorchScript module; ``mode`` is Inception-only.
+DETECTORS = ("inception", "dinov2")
 
-    The weights lookup (and its one-line error) happens before clean-fid is imported.
-    """
+
+def load_detector(spec: str, mode: str | None = None, device: str | torch.device = "cpu",
+                  inception_weights: str | os.PathLike | None = None, *,
+                  dinov2_weights: str | os.PathLike | None = None, download: bool = False) -> Detector:
+    """``spec`` = ``inception``, ``dinov2`` or the path of a TorchScript module; ``mode`` is
+    Inception-only. Weights are looked up (with their one-line error) before anything is imported."""
+    if spec != "inception" and mode is not None:
+        raise UsageError(f"--mode {mode} applies to --detector inception only; "
+                         + ("DINOv2 resizes to 224 bicubic" if spec == "dinov2" else
+                            "a TorchScript detector gets uint8 images at native size"))
+    if spec != "inception" and inception_weights is not None:
+        raise UsageError("--inception applies to --detector inception only")
+    if spec != "dinov2" and dinov2_weights is not None:
+        raise UsageError("--dinov2 applies to the DINOv2 detector only (eval fd-dinov2, or --detector dinov2)")
     if spec == "inception":
         mode = mode or DEFAULT_INCEPTION_MODE
         if mode not in INCEPTION_MODES:
             raise UsageError(f"--mode {mode}: expected one of {', '.join(INCEPTION_MODES)}")
-        return InceptionDetector(find_inception_weights(inception_weights), mode=mode, device=device)
-    if mode is not None:
-        raise UsageError(f"--mode {mode} applies to --detector inception only; a TorchScript detector "
-                         "gets uint8 images at native size")
-    if inception_weights is not None:
-        raise UsageError("--inception-weights applies to --detector inception only")
+        return InceptionDetector(find_inception_weights(inception_weights, download), mode=mode, device=device)
+    if spec == "dinov2":
+        from scmctl.metrics.dinov2 import DINOv2Detector
+
+        return DINOv2Detector(find_weights(DINOV2_WEIGHTS, dinov2_weights, download), device=device)
     return TorchScriptDetector(spec, device=device)

@@ -1,9 +1,10 @@
 """FID: image sources, streaming feature statistics, reference statistics and the Fréchet distance.
 
-The pieces are shared with later metrics (KID, precision/recall): :func:`open_images` reads a
-folder / ``.npz`` / ``.npy`` / run directory as uint8 NHWC batches, :func:`iter_features` runs a
-:class:`~scmctl.metrics.detectors.Detector` over them with a progress bar, :class:`StreamingStats`
-accumulates mean and covariance in float64, :func:`load_reference` gives (mu, sigma) of a reference.
+The pieces are shared with the other metrics (KID, precision/recall, FD_DINOv2):
+:func:`open_images` reads a folder / ``.npz`` / ``.npy`` / run directory as uint8 NHWC batches,
+:func:`iter_features` runs a :class:`~scmctl.metrics.detectors.Detector` over any source with a
+``batches(batch_size)`` method, :class:`StreamingStats` accumulates mean and covariance in float64.
+Reference statistics live in :mod:`scmctl.metrics.reference`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -130,9 +130,19 @@ class ImageSource:
 
     def first(self, n: int) -> "ImageSource":
         """The first ``n`` images (sorted file order / array order)."""
+        return self.slice(0, n)
+
+    def slice(self, start: int, stop: int) -> "ImageSource":
+        """Images ``start .. stop-1`` (sorted file order / array order)."""
         if self.files is not None:
-            return ImageSource(self.path, files=self.files[:n])
-        return ImageSource(self.path, array=self.array[:n])
+            return ImageSource(self.path, files=self.files[start:stop])
+        return ImageSource(self.path, array=self.array[start:stop])
+
+    def subset(self, indices) -> "ImageSource":
+        """The images at ``indices`` (in that order)."""
+        if self.files is not None:
+            return ImageSource(self.path, files=[self.files[i] for i in indices])
+        return ImageSource(self.path, array=self.array[np.asarray(indices, dtype=np.int64)])
 
     def batches(self, batch_size: int, workers: int | None = None) -> Iterator[np.ndarray]:
         """uint8 NHWC batches; a batch is split where the image shape changes (mixed sizes)."""
@@ -225,7 +235,7 @@ def open_images(path: str | os.PathLike) -> ImageSource:
 
 
 # --------------------------------------------------------------------------------------------
-# Features and references
+# Features
 # --------------------------------------------------------------------------------------------
 
 def iter_features(source: ImageSource, detector, batch_size: int = 64, description: str = "features",
@@ -254,59 +264,10 @@ def extract_stats(source: ImageSource, detector, batch_size: int = 64, descripti
     return stats
 
 
-@dataclass
-class Reference:
-    """Reference statistics; ``n`` is the image count when they were computed here (else None)."""
-
-    path: Path
-    mu: np.ndarray
-    sigma: np.ndarray
-    n: int | None = None
-
-
-class _PendingReference:
-    """A reference folder/array validated up front; its features are extracted on :meth:`compute`."""
-
-    def __init__(self, source: ImageSource):
-        self.source = source
-
-    def compute(self, detector, batch_size: int = 64, show_progress: bool = True) -> Reference:
-        s = extract_stats(self.source, detector, batch_size, "reference", show_progress)
-        return Reference(self.source.path, s.mu, s.sigma, s.n)
-
-
-def open_reference(path: str | os.PathLike) -> Reference | _PendingReference:
-    """Validate ``--ref`` cheaply: an ``.npz`` with ``mu``/``sigma`` is loaded now (float64), an
-    image folder / run directory / image array is listed and computed later."""
-    p = Path(path)
-    if p.is_file() and p.suffix.lower() == ".npz":
-        arrays = _load_npz(p)
-        if "mu" in arrays or "sigma" in arrays:
-            if not ("mu" in arrays and "sigma" in arrays):
-                raise UsageError(f"{path}: reference statistics need both mu and sigma arrays")
-            mu = np.asarray(arrays["mu"], np.float64)
-            sigma = np.asarray(arrays["sigma"], np.float64)
-            d = mu.shape[0] if mu.ndim == 1 else -1
-            if mu.ndim != 1 or sigma.shape != (d, d):
-                raise UsageError(f"{path}: expected mu (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
-            if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-                raise UsageError(f"{path}: mu/sigma contain NaN or Inf")
-            return Reference(p, mu, sigma, None)
-    return _PendingReference(open_images(p))
-
-
-def load_reference(path: str | os.PathLike, detector, batch_size: int = 64,
-                   show_progress: bool = True) -> Reference:
-    """(mu, sigma) of ``--ref``: read from an ``.npz`` of statistics, or computed with ``detector``
-    (which carries the mode) from an image folder / run directory / image array."""
-    ref = open_reference(path)
-    if isinstance(ref, _PendingReference):
-        ref = ref.compute(detector, batch_size, show_progress)
-    return ref
-
-
-def check_dims(ref: Reference, dim: int, detector) -> None:
-    """Reference statistics from another detector are a user error, not a crash in eigh."""
-    if ref.mu.shape[0] != dim:
-        raise UsageError(f"{ref.path}: reference statistics are {ref.mu.shape[0]}-d but detector "
-                         f"{detector.name} gives {dim}-d features (made with another detector?)")
+def extract_features(source, detector, batch_size: int = 64, description: str = "features",
+                     show_progress: bool = True) -> np.ndarray:
+    """All float32 (N, D) features of ``source`` (for KID and precision/recall)."""
+    parts = list(iter_features(source, detector, batch_size, description, show_progress))
+    if not parts:
+        raise UsageError(f"{source.path}: no images")
+    return np.concatenate(parts)

@@ -73,7 +73,7 @@ def sample_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR", help="Ch
                tmid_range: Optional[str] = typer.Option(None, "--tmid-range", help="--search-tmid: ternary search over lo,hi."),
                iters: int = typer.Option(5, "--iters", help="--search-tmid: ternary-search iterations (2 FIDs each)."),
                detector: str = typer.Option("inception", "--detector", help="--search-tmid: inception | TorchScript file."),
-               inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help="--search-tmid: local Inception weights."),
+               inception_weights: Optional[str] = typer.Option(None, "--inception", help="--search-tmid: local Inception weights."),
                mode: Optional[str] = typer.Option(None, "--mode", help="--search-tmid: legacy_tensorflow | clean (Inception)."),
                json_out: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")) -> None:
     """Sample images (a PNG per seed, or one .npz) from a consistency or diffusion model; resumable."""
@@ -90,7 +90,7 @@ def sample_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR", help="Ch
         return _search(model, n or SEARCH_DEFAULT_N, steps, label, guidance, seed, batch, weights, device, ref,
                        tmid_grid, tmid_range, iters, detector, inception_weights, mode, json_out)
     for name, val in (("--ref", ref), ("--tmid-grid", tmid_grid), ("--tmid-range", tmid_range),
-                      ("--inception-weights", inception_weights), ("--mode", mode)):
+                      ("--inception", inception_weights), ("--mode", mode)):
         if val is not None:
             raise UsageError(f"{name} applies to --search-tmid only")
     if n is None:

@@ -2,7 +2,8 @@
 
 Without torchrun's environment everything runs as a single process (rank 0 of 1) and no process
 group is created. Under torchrun, ``init()`` creates the default group (NCCL on CUDA, gloo on CPU)
-and pins each process to its local GPU.
+and pins each process to its local GPU. The collectives below are what the training loop needs
+beyond DDP/FSDP2 themselves; each one is the identity in a single process.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class Dist:
 def launched() -> bool:
     """True when this process was started by torchrun (or another launcher setting WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world_size() -> int:
+    """The number of processes of this job per the launcher's environment (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init(device: str = "auto") -> Dist:
@@ -72,3 +78,54 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s (picklable) `obj` on every rank."""
+    import torch.distributed as dist
+
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's (picklable) `obj`, in rank order."""
+    import torch.distributed as dist
+
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's tensor `t` (same shape and dtype on all ranks), in rank order."""
+    import torch.distributed as dist
+
+    if not _active():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one (one all-reduce): all processes
+    stop at the same step when only some of them received SIGTERM."""
+    import torch.distributed as dist
+
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

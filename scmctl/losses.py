@@ -178,13 +178,18 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
         if cfg.tangent_norm == "rms":
             norm = norm / math.sqrt(d)
         g = g / _bc(norm + cfg.tangent_norm_c, g)
-    target = (F_minus.double() + g).to(ld)
-
     if cfg.jvp_mode != "dual":
         x_in = x_t / sigma_data
         if cfg.nan_masking:  # masked samples must not put NaN into the gradient through 0·NaN
             x_in = torch.where(finite.reshape(-1, *([1] * (x_in.ndim - 1))), x_in, torch.zeros_like(x_in))
         F_theta = train_net(x_in, t, labels, guidance)
+        # F⁻ = stopgrad(F_θ) taken from this forward, as in the dual mode: equal to the tangent
+        # pass's primal in exact arithmetic, and F_θ − F⁻ stays exactly 0 when the two passes run
+        # in different precisions (bf16 gradient forward, fp32 tangent: loss.jvp_fp32).
+        F_minus = F_theta.detach()
+        if cfg.nan_masking:
+            F_minus = torch.where(finite.reshape(-1, *([1] * (F_minus.ndim - 1))), F_minus, torch.zeros_like(F_minus))
+    target = (F_minus.double() + g).to(ld)
     per = (F_theta.to(ld) - target).flatten(1).square().sum(dim=1) / d
     raw = per.detach()
     if cfg.adaptive_weighting:

@@ -12,8 +12,11 @@ from scmctl.cli.common import console, emit_json
 from scmctl.errors import UsageError
 
 # Fields that may change between the first call and a resuming call on the same run directory.
+# The scale-out fields never change the optimization (train.batch does): a run may resume on
+# another number of GPUs, or with DDP instead of FSDP2 (the checkpoint format is the same).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.grid_every",
-                     "train.keep_checkpoints", "train.device", "sample.")
+                     "train.keep_checkpoints", "train.device", "train.batch_per_gpu",
+                     "train.parallel", "train.compile", "train.check_grads_every", "sample.")
 # Network fields a student takes from its own config rather than from the checkpoint it starts from.
 OWN_NETWORK_FIELDS = ("dropout", "dropout_max_resolution", "label_dropout", "guidance_input",
                       "attention_backend", "attention_jvp")
@@ -59,6 +62,10 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
 
     cfg = config_mod.resolve(preset, method, overrides, **{"train.steps": steps, "train.batch": batch,
                                                          "train.seed": seed, "data.path": data})
+    from scmctl import distributed
+    from scmctl.training.loop import check_scaleout
+
+    check_scaleout(cfg, distributed.world_size())  # before any data is read or process group made
     teacher_ckpt = init_ckpt = None
     if teacher is not None:
         teacher_ckpt = _load_ckpt(teacher)
@@ -102,18 +109,29 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{Path(preset).stem}-{method}"
     _check_resume(run_dir, cfg)
 
-    from scmctl.training import checkpoint as ckpt_io
     from scmctl.training.loop import train
 
     teacher_net = None
     if teacher_ckpt is not None:
         teacher_net = _network_from(teacher_ckpt)
     init_state = (init_ckpt or teacher_ckpt or {}).get("ema")
-    console.print(f"[bold]{method}[/bold] on {dataset.source}: {dataset.images.shape[0]} images "
-                  f"{tuple(dataset.images.shape[1:])}, {params:,} parameters, run directory {run_dir}")
-    labels = dataset.labels if cfg.network.num_classes else None
-    summary = train(cfg, run_dir, dataset.images, labels, teacher=teacher_net, init_state=init_state,
-                    show_progress=True)
+    # Under torchrun: one process group for the run; only rank 0 prints, writes and reports.
+    dist = distributed.init(cfg.train.device) if distributed.launched() else None
+    main = dist is None or dist.is_main
+    try:
+        if main:
+            net = cfg.network
+            procs = f", {dist.world} processes" if dist is not None else ""
+            console.print(f"[bold]{method}[/bold] on {dataset.source}: {len(dataset)} examples "
+                          f"{(net.channels, net.resolution, net.resolution)}, {params:,} parameters"
+                          f"{procs}, run directory {run_dir}")
+        summary = train(cfg, run_dir, dataset, teacher=teacher_net, init_state=init_state,
+                        show_progress=main, dist=dist)
+    finally:
+        if dist is not None:
+            distributed.shutdown()
+    if not main:
+        return
     last = _last_stats(run_dir)
     summary.update({"params": params, "loss": last.get("loss")})
     if summary.get("stopped_early"):
@@ -141,14 +159,24 @@ def _network_from(ckpt: dict):
 
 
 def _fill_from_data(cfg, preset: str):
-    """Load the dataset; network.resolution/channels/num_classes come from it where unset."""
-    from scmctl.data.datasets import load_dataset
+    """Load the dataset; network.resolution/channels/num_classes come from it where unset. A latent
+    dataset fills data.encoder/latent_mean/latent_std where unset and must agree where set."""
+    from scmctl.data.datasets import is_prepared, load_dataset, read_metadata
+    from scmctl.data.latents import fill_from_latent_data
 
     if cfg.data.path is None:
         raise UsageError(f"preset '{preset}' names no dataset: pass --data PATH (an image folder, "
-                         "cifar-10-python.tar.gz, .npz/.npy), or --data digits for the built-in digits")
-    ds = load_dataset(cfg.data.path, cfg.data.resolution)
-    n, c, h, w = ds.images.shape
+                         "cifar-10-python.tar.gz, .npz/.npy, a folder made by scmctl data), or "
+                         "--data digits for the built-in digits")
+    path = cfg.data.path
+    if cfg.data.encoder and not (is_prepared(path) and read_metadata(path)["kind"] == "latents"):
+        raise UsageError(f"the config expects VAE latents (data.encoder={cfg.data.encoder}) but "
+                         f"{path} is not a latent dataset: run `scmctl data latents {path} --out DIR "
+                         f"--vae {cfg.data.encoder}` and pass --data DIR")
+    ds = load_dataset(path, cfg.data.resolution)
+    if ds.kind == "latents":
+        fill_from_latent_data(cfg.data, ds)
+    c, h, w = ds.channels, ds.height, ds.width
     if h != w:
         raise UsageError(f"{ds.source}: images are {h}x{w}; scmctl trains on square images")
     net = cfg.network

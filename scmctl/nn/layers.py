@@ -148,8 +148,12 @@ class MPConv(nn.Module):
 
     @torch.no_grad()
     def renormalize_(self) -> None:
-        """EDM2's forced weight normalization: rescale each output unit to RMS 1 in place."""
+        """EDM2's forced weight normalization: rescale each output unit to RMS 1 in place.
+        Under FSDP2 the weight is a DTensor sharded along dim 0 (output units): every local row is
+        a whole unit, so normalizing the local shard is exact."""
         w = self.weight
+        if hasattr(w, "to_local"):
+            w = w.to_local()
         rms = w.float().flatten(1).square().mean(dim=1).sqrt().reshape(-1, *([1] * (w.ndim - 1)))
         w.copy_((_at_least_fp32(w) / (rms + 1e-4)).to(w.dtype))
 

@@ -80,7 +80,9 @@ class Block(nn.Module):
             qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
             q, k, v = pixel_norm(qkv, dim=2).unbind(3)              # cosine attention (EDM2)
             q, k, v = (a.transpose(-1, -2) for a in (q, k, v))      # (N, heads, HW, head_dim)
-            y = attention(q, k, v, backend=self.attention_backend, jvp_impl=self.attention_jvp)
+            # outside autocast: attention keeps q/k/v's dtype and its own fp32 softmax/JVP accumulators
+            with torch.autocast(x.device.type, enabled=False):
+                y = attention(q, k, v, backend=self.attention_backend, jvp_impl=self.attention_jvp)
             y = y.transpose(-1, -2).reshape(n, c, h, w)
             x = mp_sum(x, self.attn_proj(y), ATTN_BALANCE)
         return clamp(x, CLIP_ACT)

@@ -67,11 +67,12 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely (weights_only); any non-scmctl or unsafe file is a UsageError."""
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint safely (weights_only); any non-scmctl or unsafe file is a UsageError.
+    mmap=True maps the file instead of reading it (processes of one node share the pages)."""
     p = resolve_path(path)
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"{p}: refused to load: the file holds pickled objects other than tensors "
@@ -104,6 +105,20 @@ def load_state(module: torch.nn.Module, state: dict, where: str, allow_missing: 
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise UsageError(f"{where}: checkpoint is for a different network architecture: " + "; ".join(parts))
     module.load_state_dict(state, strict=False)
+
+
+def optimizer_state_by_name(state: dict, names: list[str]) -> dict:
+    """An ``optimizer.state_dict()`` (parameters numbered 0..N−1 in ``named_parameters()`` order,
+    the checkpoint format) keyed by parameter name instead (torch.distributed.checkpoint's format)."""
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def optimizer_state_by_index(state: dict, names: list[str]) -> dict:
+    """The inverse of :func:`optimizer_state_by_name`."""
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in state["param_groups"]]}
 
 
 def prune(run_dir: str | os.PathLike, keep: int) -> None:

@@ -21,6 +21,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     return float(gamma)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 (DTensor) parameter; a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
     def __init__(self, net: torch.nn.Module, sigma_rel: float = 0.05, halflife_images: float = 0.0,
                  batch: int = 1):
@@ -38,9 +43,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self, net: torch.nn.Module, step: int) -> None:
+        """Average `net`'s weights in. Under FSDP2 both networks are sharded alike and each process
+        averages its own shard (the EMA is elementwise)."""
         beta = self.beta(step)
         for p_ema, p in zip(self.net.parameters(), net.parameters()):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)
+            _local(p_ema).lerp_(_local(p).detach().to(p_ema.dtype), 1 - beta)
         for b_ema, b in zip(self.net.buffers(), net.buffers()):
             b_ema.copy_(b)
 

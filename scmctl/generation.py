@@ -46,7 +46,6 @@ with other settings is refused, so one output never mixes two checkpoints.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -60,6 +59,7 @@ import numpy as np
 import torch
 
 from scmctl.errors import UsageError
+from scmctl.fileio import sha256_file, write_atomic
 
 SOLVERS = ("heun", "dpm2s", "euler")
 
@@ -77,12 +77,7 @@ class Batch:
     labels: Optional[np.ndarray]
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_sha256 = sha256_file  # kept name: part of this module's documented API
 
 
 def load_for_sampling(model: str | os.PathLike, weights: str = "ema", device="auto"):
@@ -259,27 +254,11 @@ def batch_plan(n: int, batch: int, rank: int = 0, world: int = 1) -> list[tuple[
 # --------------------------------------------------------------------------------------------
 
 def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: f.write(text), binary=False)
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def _remove_temp_files(folder: Path) -> None:

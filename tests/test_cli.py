@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from scmctl.cli import main
+from _cli import run
 
 # The tiny preset shrunk further so the whole lifecycle runs in seconds on 2 CPU cores.
 SMALL = ["--set", "data.resolution=8", "--set", "network.model_channels=16",
@@ -20,15 +19,6 @@ SMALL = ["--set", "data.resolution=8", "--set", "network.model_channels=16",
          "--batch", "8", "--steps", "3"]
 
 
-def run(capsys, *args):
-    """Run `scmctl ARGS` in-process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_json(out: str) -> dict:

@@ -25,6 +25,7 @@ from scmctl.data.imageio import center_crop_adm, to_uint8
 from scmctl.errors import UsageError
 
 from test_data import _fake_cifar, _write_tar  # the official CIFAR-10 pickle layout
+from _cli import run
 
 SCM_MEAN = [1.56, -0.695, 0.483, 0.729]
 SCM_STD = [5.27, 5.91, 4.21, 4.31]
@@ -39,14 +40,6 @@ def _no_real_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("SCMCTL_OFFLINE", "1")
 
 
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err, *needles):

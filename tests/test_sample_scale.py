@@ -24,8 +24,8 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from scmctl.cli import main
 from scmctl.data.imageio import read_image, write_png
+from _cli import run
 
 SD = 0.5
 CLASSES = 4
@@ -75,14 +75,6 @@ def ckpts(tmp_path_factory):
     return make_checkpoint(root / "a.pt", 0), make_checkpoint(root / "b.pt", 1)
 
 
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def sample_json(capsys, *args) -> dict:

@@ -21,7 +21,6 @@ downloaded into that cache once. A VAE that cannot be found is one UsageError li
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch
 
 from scmctl.data.imageio import from_uint8, to_uint8
 from scmctl.errors import UsageError
+from scmctl.fileio import sha256_file
 
 SD_VAE = "stabilityai/sd-vae-ft-mse"
 # Per-channel statistics of sd-vae-ft-mse's raw latents on ImageNet-512 (sCM App. G, SCM_NOTES §6).
@@ -343,9 +343,5 @@ def file_sha256(path: Path) -> str:
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns)
     if key not in _sha_cache:
-        h = hashlib.sha256()
-        with open(real, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _sha_cache[key] = h.hexdigest()
+        _sha_cache[key] = sha256_file(real)
     return _sha_cache[key]

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 
 from scmctl.data.datasets import (DATASET_FORMAT, DATASET_JSON, DATASET_VERSION, is_prepared,
                                   load_dataset, read_metadata)
+from scmctl.fileio import write_atomic
 from scmctl.data.imageio import IMAGE_EXTENSIONS, list_image_files, read_image_adm
 from scmctl.errors import UsageError
 
@@ -381,15 +381,4 @@ def _read_json(path: Path):
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1) + "\n"), binary=False)

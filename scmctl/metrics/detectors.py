@@ -24,7 +24,6 @@ A missing file is one UsageError line naming the file, its public URL and where 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import tempfile
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from scmctl.errors import UsageError
+from scmctl.fileio import sha256_file  # noqa: F401  (re-exported by scmctl.metrics)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -151,15 +151,6 @@ def download_weights(spec: WeightsFile, timeout: float = DOWNLOAD_TIMEOUT_S) -> 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dest
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

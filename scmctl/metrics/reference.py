@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from scmctl.errors import UsageError
-from scmctl.metrics.detectors import sha256_file
+from scmctl.fileio import sha256_file, write_atomic
 from scmctl.metrics.fid import StreamingStats, _load_npz, extract_features, extract_stats, iter_features
 
 REF_FORMAT = "scmctl-ref-v1"
@@ -307,15 +306,5 @@ def save_reference(out: str | os.PathLike, stats: StreamingStats, detector, data
         arrays["features"] = features
         arrays["features_seed"] = np.int64(features_seed or 0)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(out, lambda f: np.savez(f, **arrays))
     return prov

@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from scmctl.fileio import write_atomic
 
 from scmctl.errors import UsageError
 
@@ -28,18 +29,7 @@ CKPT_RE = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def checkpoints(run_dir: str | os.PathLike) -> list[Path]:

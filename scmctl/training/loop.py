@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from scmctl import distributed, losses
 from scmctl.config import Config, LossConfig
 from scmctl.data.imageio import save_grid
 from scmctl.errors import UsageError
+from scmctl.fileio import write_atomic
 from scmctl.nn.unet import UNet, build_network
 from scmctl.training import checkpoint as ckpt_io
 from scmctl.training.ema import EMA
@@ -426,7 +426,7 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[UNet] = None,
         dist = distributed.init(cfg.train.device) if distributed.launched() else \
             distributed.Dist(device=select_device(cfg.train.device))
     device, main = dist.device, dist.is_main
-    tc, sigma_data = cfg.train, cfg.data.sigma_data
+    tc = cfg.train
     layout = check_scaleout(cfg, dist.world)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -666,9 +666,7 @@ class _StopRequest:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(text), binary=False)
 
 
 def _save(run_dir: Path, cfg: Config, kind: str, step: int, full: _FullState, main: bool) -> Optional[Path]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ import numpy as np
 import torch
 
 from scmctl.errors import UsageError
-from scmctl.fileio import sha256_file, write_atomic
+from scmctl.fileio import sha256_file, write_atomic, write_json_atomic
 
 SOLVERS = ("heun", "dpm2s", "euler")
 
@@ -253,10 +252,6 @@ def batch_plan(n: int, batch: int, rank: int = 0, world: int = 1) -> list[tuple[
 # Outputs: manifest, PNG folder, .npz built from chunks
 # --------------------------------------------------------------------------------------------
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text), binary=False)
-
-
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
 
@@ -344,7 +339,7 @@ class PngFolder(_Output):
         """Create the folder, drop temporary left-overs, record the manifest (one process)."""
         self.out.mkdir(parents=True, exist_ok=True)
         _remove_temp_files(self.out)
-        write_text_atomic(self.manifest_path, json.dumps(manifest, indent=1) + "\n")
+        write_json_atomic(self.manifest_path, manifest)
 
     def pending(self, plan: Iterable[tuple[int, range]], seed: int) -> list[tuple[int, range]]:
         present = set(os.listdir(self.out)) if self.out.is_dir() else set()
@@ -429,7 +424,7 @@ class NpzParts(_Output):
         self.parts.mkdir(exist_ok=True)
         _remove_temp_files(self.parts)
         _remove_temp_files(self.out.parent)
-        write_text_atomic(self.manifest_path, json.dumps(manifest, indent=1) + "\n")
+        write_json_atomic(self.manifest_path, manifest)
 
     def pending(self, plan: Iterable[tuple[int, range]], seed: int) -> list[tuple[int, range]]:
         if self.complete:
@@ -473,22 +468,15 @@ class NpzParts(_Output):
         js = self._chunks(n, batch)
         first = np.load(self.chunk(0), mmap_mode="r", allow_pickle=False)
         with_labels = self.labels_chunk(0).is_file()
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.out.parent)
-        os.close(fd)
-        try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        def write(f):
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 _stream_npy(zf, "arr_0.npy", (n, *first.shape[1:]), first.dtype,
                             (np.load(self.chunk(j), allow_pickle=False) for j in js))
                 if with_labels:
                     _stream_npy(zf, "labels.npy", (n,), np.dtype(np.int64),
                                 (np.load(self.labels_chunk(j), allow_pickle=False).astype(np.int64) for j in js))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        write_atomic(self.out, write)
         for p in self.parts.iterdir():
             p.unlink()
         self.parts.rmdir()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from _cli import run
+from _cli import Payload, run
 
 # The tiny preset shrunk further so the whole lifecycle runs in seconds on 2 CPU cores.
 SMALL = ["--set", "data.resolution=8", "--set", "network.model_channels=16",
@@ -164,19 +164,11 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_payload_checkpoint_is_not_executed(tmp_path, capsys):
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.pt"
     torch.save({"format": "scmctl-checkpoint", "version": 1, "kind": "consistency",
-                "payload": _Payload(marker)}, evil)
+                "payload": Payload(os.system, f"touch {marker}")}, evil)
     # plain pickle would run it (the payload is real)
     with open(evil, "rb"):
         pass

@@ -19,6 +19,7 @@ from scmctl.data import datasets
 from scmctl.data.imageio import from_uint8
 from scmctl.data.datasets import ImageData, batch_indices, load_dataset, resize_images
 from scmctl.errors import UsageError
+from _cli import Payload
 
 # sklearn.datasets.load_digits() (scikit-learn 1.6.1): images as uint8 0..16, labels as int64
 DIGITS_IMAGES_SHA256 = "8f26b2bd9d135c256808f68f14fdabddde6d9c7f869ae419704b051f0f14b3b3"
@@ -388,24 +389,14 @@ def test_cifar_folder_round_trip(tmp_path):
         load_dataset(folder)
 
 
-class _Payload:
-    """Unpickling this runs ``func(*args)``: the classic pickle code-execution payload."""
-
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
-
-
 @pytest.mark.parametrize("where", ["data_batch_3", "batches.meta"])
 @pytest.mark.parametrize("kind", ["system", "exec"])
 def test_cifar_pickle_payload_is_refused_not_run(tmp_path, where, kind):
     marker = tmp_path / "pwned"
     if kind == "system":
-        payload = _Payload(os.system, (f"touch '{marker}'",))
+        payload = Payload(os.system, f"touch '{marker}'")
     else:
-        payload = _Payload(exec, (f"open({str(marker)!r}, 'w').close()",))
+        payload = Payload(exec, f"open({str(marker)!r}, 'w').close()")
     batch = {b"batch_label": b"x", b"labels": [1], b"data": payload}
     if where == "batches.meta":
         batch = {b"label_names": payload}

@@ -22,7 +22,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-from scmctl.cli import main
+from _cli import Payload, assert_one_line_error, run as run_cli
 from scmctl.data.imageio import list_image_files, read_image, write_png
 from scmctl.metrics import detectors as det_mod
 from scmctl.metrics import (INCEPTION_FILE, INCEPTION_URL, InceptionDetector, StreamingStats,
@@ -169,17 +169,6 @@ def data(tmp_path_factory):
                 A=write_folder(root / "A", a), B=write_folder(root / "B", b), G=write_folder(root / "G", g))
 
 
-def run_cli(capsys, *args):
-    """Run `scmctl ...` in-process: (exit code, stdout, stderr)."""
-    try:
-        main(list(map(str, args)))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def fid_json(capsys, samples, ref, det, *extra):
     code, out, err = run_cli(capsys, "eval", "fid", samples, "--ref", ref, "--detector", det,
                              "--allow-small", "--json", "--device", "cpu", *extra)
@@ -274,15 +263,6 @@ def test_json_via_python_m_scmctl(data):
 
 # ------------------------------------------------------------------ bad input: exit 2, one line
 
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_fewer_than_50k_refused(capsys, data):
     code, out, err = run_cli(capsys, "eval", "fid", data["A"], "--ref", data["B"], "--detector", data["det"])
     assert_one_line_error(code, err, "50,000", "--allow-small", "64")
@@ -315,26 +295,16 @@ def test_non_torchscript_detector_refused(capsys, data, tmp_path):
     assert_one_line_error(code, err, "--mode")
 
 
-class _Payload:
-    """Unpickling this would create the marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_pickled_reference_refused(capsys, data, tmp_path):
     marker = tmp_path / "executed"
     bad = tmp_path / "pickled.npz"
     obj = np.empty(1, dtype=object)
-    obj[0] = _Payload(marker)
+    obj[0] = Payload(open, str(marker), "w")
     np.savez(bad, mu=obj, sigma=np.eye(D))
     pkl = tmp_path / "img64.pkl"
     import pickle
 
-    pkl.write_bytes(pickle.dumps({"mu": _Payload(marker)}))
+    pkl.write_bytes(pickle.dumps({"mu": Payload(open, str(marker), "w")}))
     for ref, needle in ((bad, "pickled"), (pkl, "unpickle")):
         code, _, err = run_cli(capsys, "eval", "fid", data["A"], "--ref", ref, "--detector", data["det"],
                                "--allow-small")

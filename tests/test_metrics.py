@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import erf
 
-from scmctl.cli import main
+from _cli import Payload, assert_one_line_error, run as run_cli
 from scmctl.data.imageio import write_png
 from scmctl.metrics import detectors as det_mod
 from scmctl.metrics import (DINOV2_FILE, DINOV2_URL, INCEPTION_FILE, INCEPTION_URL, StreamingStats,
@@ -78,30 +78,12 @@ def fd_stats(f1, f2) -> float:
     return fd_eig(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
 
 
-def run_cli(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def ok_json(capsys, *args) -> dict:
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 1, out
     return json.loads(lines[0])
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def sha256(path) -> str:
@@ -482,14 +464,6 @@ def test_eval_ref_from_a_dataset_array_and_latents_refused(capsys, data, tmp_pat
     assert not (tmp_path / "r2.npz").exists()
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def test_edm2_pickle_loaded_safely_and_code_payload_refused(capsys, data, tmp_path):
     fb = numpy_features(data["b"])
     good = {"fid": {"mu": fb.mean(0), "sigma": np.cov(fb, rowvar=False)}, "num_images": 48}
@@ -516,7 +490,7 @@ def test_edm2_pickle_loaded_safely_and_code_payload_refused(capsys, data, tmp_pa
         assert_one_line_error(code, err, str(bad), "refusing to unpickle")
         assert out == ""
     bad = tmp_path / "object.pkl"
-    bad.write_bytes(pickle.dumps({"fid": {"mu": _Payload(marker), "sigma": np.eye(D)}}))
+    bad.write_bytes(pickle.dumps({"fid": {"mu": Payload(open, str(marker), "w"), "sigma": np.eye(D)}}))
     code, _, err = run_cli(capsys, "eval", "fid", data["A"], "--ref", bad, "--detector", data["det"], "--allow-small")
     assert_one_line_error(code, err, "refusing to unpickle")
     assert not marker.exists()
@@ -673,7 +647,7 @@ def test_dinov2_found_in_cache_and_bad_files_refused(capsys, data, vit_file, tmp
     assert (s["count"], s["dim"], s["detector_sha256"]) == (8, 128, sha256(path))
     marker = tmp_path / "executed"
     evil = tmp_path / "evil.pth"
-    torch.save({"cls_token": _Payload(marker)}, evil)
+    torch.save({"cls_token": Payload(open, str(marker), "w")}, evil)
     code, _, err = run_cli(capsys, "eval", "fd-dinov2", data["A"], "--ref", ref, "--dinov2", evil, "--allow-small")
     assert_one_line_error(code, err, str(evil), "refused")
     assert not marker.exists()

@@ -1,7 +1,6 @@
 """Paper presets (SCM_NOTES §6, sCM App. G Tables 4-5): values and parameter counts on the meta device."""
 
 import json
-import resource
 import subprocess
 import sys
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from scmctl.data.datasets import (DATASET_FORMAT, DATASET_JSON, DATASET_VERSION, is_prepared,
                                   load_dataset, read_metadata)
-from scmctl.fileio import write_atomic
+from scmctl.fileio import write_json_atomic
 from scmctl.data.imageio import IMAGE_EXTENSIONS, list_image_files, read_image_adm
 from scmctl.errors import UsageError
 
@@ -261,8 +261,8 @@ class _Writer:
         if labels is not None and not self.resumed:
             np.save(self.tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
         if not self.resumed:
-            _write_json(self.tmp / "progress.json", {"done": 0, "state": self.state})
-            _write_json(self.tmp / "job.json", job)        # last: a job.json means a usable folder
+            write_json_atomic(self.tmp / "progress.json", {"done": 0, "state": self.state})
+            write_json_atomic(self.tmp / "job.json", job)        # last: a job.json means a usable folder
 
     def commit(self, done: int, state: Optional[dict] = None) -> None:
         for a in self.arrays.values():
@@ -270,14 +270,14 @@ class _Writer:
         if state is not None:
             self.state = state
         self.done = done
-        _write_json(self.tmp / "progress.json", {"done": done, "state": self.state})
+        write_json_atomic(self.tmp / "progress.json", {"done": done, "state": self.state})
 
     def finish(self, meta: dict) -> dict:
         for a in self.arrays.values():
             a.flush()
         self.arrays.clear()
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        _write_json(self.tmp / DATASET_JSON, meta)
+        write_json_atomic(self.tmp / DATASET_JSON, meta)
         for name in ("job.json", "progress.json"):
             (self.tmp / name).unlink()
         if self.out.is_dir():                              # an empty folder (checked above)
@@ -378,7 +378,3 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: Path, obj) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1) + "\n"), binary=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from scmctl.errors import UsageError
-from scmctl.fileio import sha256_file  # noqa: F401  (re-exported by scmctl.metrics)
+from scmctl.fileio import sha256_file, write_atomic  # noqa: F401  (sha256_file: re-exported by scmctl.metrics)
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
@@ -136,20 +137,12 @@ def download_weights(spec: WeightsFile, timeout: float = DOWNLOAD_TIMEOUT_S) -> 
         raise UsageError(f"refusing to download {spec.url}: offline mode is on (SCMCTL_OFFLINE/HF_HUB_OFFLINE)")
     dest = cache_dir() / spec.file
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(spec.url, timeout=timeout) as r:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        with urllib.request.urlopen(spec.url, timeout=timeout) as r:
+            write_atomic(dest, lambda f: shutil.copyfileobj(r, f, 1 << 20))
     except (URLError, OSError, TimeoutError) as e:
         raise UsageError(f"cannot download {spec.url} ({e.__class__.__name__}: {str(e)[:120]}): download "
                          f"it yourself and put it in {dest.parent}/") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 

@@ -31,16 +31,22 @@ def frechet_over_sets(sources: list, reference: Reference, detector, batch_size:
     return values
 
 
-def kid_over_sets(sources: list, ref_features: np.ndarray, detector, batch_size: int = 64,
-                  num_subsets: int = NUM_SUBSETS, subset_size: int = SUBSET_SIZE, seed: int = 0,
-                  show_progress: bool = True) -> list[tuple[float, float]]:
-    """(KID mean, std over subsets) of each set; every set uses the same subset seed."""
-    out = []
+def _set_features(sources: list, ref_features: np.ndarray, detector, batch_size: int, show_progress: bool):
+    """Each set's features (N, D), checked against the reference features' dimension."""
     for k, source in enumerate(sources):
         f = extract_features(source, detector, batch_size, _description(k, len(sources)), show_progress)
         if f.shape[1] != ref_features.shape[1]:
             raise UsageError(f"reference features are {ref_features.shape[1]}-d but detector {detector.name} "
                              f"gives {f.shape[1]}-d features (made with another detector?)")
+        yield f
+
+
+def kid_over_sets(sources: list, ref_features: np.ndarray, detector, batch_size: int = 64,
+                  num_subsets: int = NUM_SUBSETS, subset_size: int = SUBSET_SIZE, seed: int = 0,
+                  show_progress: bool = True) -> list[tuple[float, float]]:
+    """(KID mean, std over subsets) of each set; every set uses the same subset seed."""
+    out = []
+    for f in _set_features(sources, ref_features, detector, batch_size, show_progress):
         v = kid_subsets(f, ref_features, num_subsets, subset_size, seed, detector.device)
         out.append((float(v.mean()), float(v.std())))
     return out
@@ -50,11 +56,7 @@ def pr_over_sets(sources: list, ref_features: np.ndarray, detector, batch_size: 
                  show_progress: bool = True) -> list[tuple[float, float]]:
     """(precision, recall) of each set against the reference features."""
     out = []
-    for i, source in enumerate(sources):
-        f = extract_features(source, detector, batch_size, _description(i, len(sources)), show_progress)
-        if f.shape[1] != ref_features.shape[1]:
-            raise UsageError(f"reference features are {ref_features.shape[1]}-d but detector {detector.name} "
-                             f"gives {f.shape[1]}-d features (made with another detector?)")
+    for f in _set_features(sources, ref_features, detector, batch_size, show_progress):
         if min(f.shape[0], ref_features.shape[0]) <= k:
             raise UsageError(f"precision/recall with k = {k} needs more than {k} images on each side")
         out.append(precision_recall(f, ref_features, k, device=detector.device))

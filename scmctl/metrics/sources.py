@@ -25,7 +25,7 @@ import numpy as np
 
 from scmctl.data.imageio import IMAGE_EXTENSIONS
 from scmctl.errors import UsageError
-from scmctl.metrics.fid import ImageSource, open_images
+from scmctl.metrics.fid import open_images
 
 MODEL_SUFFIXES = (".pt", ".pth", ".ckpt")
 

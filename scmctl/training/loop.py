@@ -49,7 +49,7 @@ from scmctl import distributed, losses
 from scmctl.config import Config, LossConfig
 from scmctl.data.imageio import save_grid
 from scmctl.errors import UsageError
-from scmctl.fileio import write_atomic
+from scmctl.fileio import write_text_atomic
 from scmctl.nn.unet import UNet, build_network
 from scmctl.training import checkpoint as ckpt_io
 from scmctl.training.ema import EMA
@@ -394,7 +394,7 @@ class StatsLog:
                         keep.append(line)
                 except json.JSONDecodeError:
                     pass  # a line cut off by a crash
-            _write_text_atomic(path, "".join(line + "\n" for line in keep))
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
         self.f = open(path, "a")
 
     def write(self, obj: dict) -> None:
@@ -465,7 +465,7 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[UNet] = None,
         _load_optimizer(model, opt, state["optimizer"], names, shapes)
         del state
     if main:
-        _write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())  # resuming may have raised train.steps
+        write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())  # resuming may have raised train.steps
         from scmctl.cli.common import console
 
         mode, why = effective_jvp_mode(cfg, dist.world)
@@ -663,10 +663,6 @@ class _StopRequest:
 
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text), binary=False)
 
 
 def _save(run_dir: Path, cfg: Config, kind: str, step: int, full: _FullState, main: bool) -> Optional[Path]:

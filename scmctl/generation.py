@@ -504,20 +504,6 @@ def open_output(out: Path, fmt: str):
 # 2-step t_mid search (FID on a small budget, the same seeds for every t_mid)
 # --------------------------------------------------------------------------------------------
 
-def features_of(gen: Generator, seeds: Sequence[int], batch: int, detector,
-                on_batch: Optional[Callable[[int], None]] = None):
-    """Streaming float64 feature statistics (:class:`scmctl.metrics.StreamingStats`) of the
-    generator's images for ``seeds``."""
-    from scmctl.metrics import StreamingStats
-
-    stats = StreamingStats()
-    for images in gen.batches(seeds, batch):
-        stats.update(detector.features(torch.from_numpy(images).permute(0, 3, 1, 2)))
-        if on_batch is not None:
-            on_batch(images.shape[0])
-    return stats
-
-
 def ternary_search(f: Callable[[float], float], lo: float, hi: float, iters: int,
                    digits: int = 4) -> dict[float, float]:
     """Minimize a unimodal ``f`` on [lo, hi]: each iteration evaluates the two inner third points

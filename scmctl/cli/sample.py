@@ -167,8 +167,10 @@ def _sample(model, n, steps, t_mid, ts_list, solver, label, guidance, seed, batc
 def _search(model, n, steps, label, guidance, seed, batch, weights, device, ref, tmid_grid, tmid_range, iters,
             detector, inception_weights, mode, json_out) -> None:
     from scmctl import distributed
-    from scmctl.generation import features_of, open_generator, ternary_search
-    from scmctl.metrics import frechet_distance, load_detector, load_reference
+    from scmctl.generation import open_generator, ternary_search
+    from scmctl.metrics import load_detector, load_reference
+    from scmctl.metrics.evaluate import frechet_over_sets
+    from scmctl.metrics.sources import GeneratedSource
 
     if distributed.launched():
         raise UsageError("--search-tmid runs in one process; start it without torchrun")
@@ -206,11 +208,9 @@ def _search(model, n, steps, label, guidance, seed, batch, weights, device, ref,
 
         def fid(t: float) -> float:
             bar.update(task, info=f"t_mid = {t:g}")
-            stats = features_of(gen.with_t_mid(t), seeds, batch, det, on_batch=lambda k: bar.advance(task, k))
-            if stats.mu.shape[0] != reference.mu.shape[0]:
-                raise UsageError(f"{ref}: reference statistics are {reference.mu.shape[0]}-d but detector "
-                                 f"{det.name} gives {stats.mu.shape[0]}-d features (made with another detector?)")
-            points[t] = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
+            source = GeneratedSource(model, gen.with_t_mid(t), seeds)
+            (points[t],) = frechet_over_sets([source], reference, det, batch, show_progress=False)
+            bar.advance(task, n)
             return points[t]
 
         if tmid_grid is not None:

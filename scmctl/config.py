@@ -288,11 +288,12 @@ def from_dict(d: dict[str, Any]) -> Config:
 # ------------------------------------------------------------------------------ presets ---------
 
 def _preset_root():
-    """The installed presets (package scmctl.presets), or presets/ beside a source checkout."""
-    try:
-        return resources.files("scmctl.presets")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "presets"
+    """presets/ beside this source checkout when there is one (so a worktree or a PYTHONPATH checkout
+    reads its own presets, not an editable install's), else the installed package scmctl.presets."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "presets").is_dir():
+        return checkout / "presets"
+    return resources.files("scmctl.presets")
 
 
 def preset_names() -> list[str]:

@@ -21,6 +21,7 @@ from torch import nn
 from scmctl.attention import attention
 from scmctl.config import NetworkConfig
 from scmctl.errors import UsageError
+from scmctl.nn.base import ImageNetwork, class_input, per_sample
 from scmctl.nn.layers import (MPConv, TimeEmbedding, clamp, modulate, mp_cat, mp_silu, mp_sum,
                               pixel_norm, resample)
 
@@ -88,7 +89,7 @@ class Block(nn.Module):
         return clamp(x, CLIP_ACT)
 
 
-class UNet(nn.Module):
+class UNet(ImageNetwork):
     """F_θ(x_t/σ_d, t[, labels, guidance]) for square images of side `resolution`."""
 
     def __init__(self, cfg: NetworkConfig):
@@ -111,8 +112,7 @@ class UNet(nn.Module):
         self.emb_guidance = MPConv(cnoise, cemb) if cfg.guidance_input else None
         self.guidance_gain = nn.Parameter(torch.zeros([])) if cfg.guidance_input else None
         self.emb_label = MPConv(ncls, cemb) if ncls else None
-        self.weight_embed = TimeEmbedding(cfg.adaptive_weight_channels, cfg.time_embedding, cfg.time_embedding_scale)
-        self.weight_linear = MPConv(cfg.adaptive_weight_channels, 1)
+        self.init_weight_head(cfg)
 
         def block(cin, cout, flavor, level, mode="keep", attn=False):
             r = res >> level
@@ -161,12 +161,7 @@ class UNet(nn.Module):
             g = torch.ones_like(t) if guidance is None else guidance.expand_as(t)
             emb = emb + self.emb_guidance(self.time_embed(g), gain=self.guidance_gain)
         if self.emb_label is not None:
-            if labels is None:
-                onehot = torch.zeros(t.shape[0], self.num_classes, device=t.device)
-            elif labels.dtype in (torch.int64, torch.int32):
-                onehot = F.one_hot(labels.long(), self.num_classes).float()
-            else:
-                onehot = labels.float()
+            onehot = class_input(labels, t.shape[0], self.num_classes, t.device)
             # one-hot scaled by √num_classes has unit magnitude; an all-zero row = unconditional
             emb = mp_sum(emb, self.emb_label(onehot * self.num_classes ** 0.5), EMB_BALANCE)
         return mp_silu(emb)
@@ -174,7 +169,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None) -> torch.Tensor:
         """F_θ(x, t): x = x_t/σ_d (N, C, H, W), t (N,) TrigFlow times in [0, π/2]."""
-        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
+        t = per_sample(t, x.shape[0])
         emb = self.embedding(t, labels, guidance).to(x.dtype)
         h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         h = self.conv_in(h)
@@ -187,27 +182,3 @@ class UNet(nn.Module):
                 h = mp_cat(h, skips.pop(), t=CONCAT_BALANCE)
             h = blk(h, emb)
         return self.conv_out(h, gain=self.out_gain)
-
-    def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """w_φ(t): the adaptive-weighting head, one scalar per sample (float32); the loss is
-        e^{w_φ(t)}/D·‖·‖² − w_φ(t) (EDM2's learned uncertainty with w = −log-variance)."""
-        return self.weight_linear(self.weight_embed(t.reshape(-1))).reshape(-1).float()
-
-    @torch.no_grad()
-    def renormalize_(self) -> None:
-        """Forced weight normalization of every MPConv (run after each optimizer step)."""
-        for m in self.modules():
-            if isinstance(m, MPConv):
-                m.renormalize_()
-
-
-def build_network(cfg: NetworkConfig, device: torch.device | str = "cpu") -> UNet:
-    with torch.device(device):
-        return UNet(cfg)
-
-
-def count_parameters(cfg: NetworkConfig) -> int:
-    """Parameter count without allocating memory (the network is built on the meta device)."""
-    with torch.device("meta"):
-        net = UNet(cfg)
-    return sum(p.numel() for p in net.parameters())

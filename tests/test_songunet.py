@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _cli import run
+from _cli import assert_one_line_error, run
 from scmctl import config
 from scmctl.config import NetworkConfig
 from scmctl.nn import NETWORKS, build_network, count_parameters
@@ -327,6 +327,30 @@ def test_edm_state_dict_loads_strictly_after_the_key_mapping():
     mine = net.state_dict()
     for k, v in edm.items():
         assert torch.equal(mine[k[len("model."):]], v), k
+
+
+def test_student_with_guidance_input_starts_as_its_teacher():
+    """sCD: the student's guidance layer is zero at init and absent from the teacher's weights."""
+    from scmctl.training.checkpoint import load_state
+
+    torch.manual_seed(0)
+    teacher = trained_looking(build_network(tiny_cfg("ddpmpp")).eval())
+    student = build_network(tiny_cfg("ddpmpp", guidance_input=True)).eval()
+    load_state(student, teacher.state_dict(), "teacher", allow_missing=("emb_guidance.",))
+    x, t = torch.randn(3, 2, 8, 8), torch.rand(3)
+    with torch.no_grad():
+        assert torch.equal(student(x, t, None, torch.tensor([1.0, 1.5, 2.0])), teacher(x, t))
+
+
+@pytest.mark.parametrize("settings,needle", [
+    (["network.model_channels=7"], "equal groups"),          # 14 channels: not 3 groups of 4
+    (["network.arch=unet"], "must be one of edm2, ddpmpp, ncsnpp"),
+    (["network.arch=edm2", "network.augment_dim=9"], "needs network.arch ddpmpp or ncsnpp"),
+])
+def test_bad_network_settings_are_one_line_errors(capsys, settings, needle):
+    sets = [a for s in settings for a in ("--set", s)]
+    code, out, err = run(capsys, "train", "--preset", "cifar10", "--dry-run", *sets)
+    assert_one_line_error(code, err, needle)
 
 
 def test_every_arch_has_a_network():

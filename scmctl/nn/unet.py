@@ -101,6 +101,8 @@ class UNet(ImageNetwork):
         if res % (2 ** (levels - 1)) != 0 or (res >> (levels - 1)) < 1:
             raise UsageError(f"image size {res} is not divisible by 2^{levels - 1} "
                              f"(network.channel_mult has {levels} levels)")
+        if cfg.augment_dim:
+            raise UsageError("network.augment_dim (an augmentation-label input) needs network.arch ddpmpp or ncsnpp")
         self.cfg = cfg
         self.num_classes = ncls
         cblock = [cfg.model_channels * m for m in cfg.channel_mult]

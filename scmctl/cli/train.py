@@ -44,7 +44,8 @@ def train_cmd(preset: str = PRESET, data: Optional[str] = DATA, run_dir: Optiona
     if objective not in ("consistency", "diffusion"):
         raise UsageError(f"--objective must be 'consistency' or 'diffusion', got '{objective}'")
     method = "sct" if objective == "consistency" else "diffusion"
-    _run(method, preset, data, run_dir, init, None, steps, batch, seed, set_, dry_run, json_out)
+    _run(method, preset=preset, data=data, run_dir=run_dir, init=init, teacher=None, steps=steps, batch=batch,
+         seed=seed, overrides=set_, dry_run=dry_run, json_out=json_out)
 
 
 @app.command("distill")
@@ -54,10 +55,14 @@ def distill_cmd(teacher: str = typer.Option(..., "--teacher", help="Teacher chec
                 seed: Optional[int] = SEED, set_: List[str] = SET, dry_run: bool = DRY,
                 json_out: bool = JSON) -> None:
     """Consistency distillation (sCD) from a diffusion teacher (student starts from its EMA weights)."""
-    _run("scd", preset, data, run_dir, init, teacher, steps, batch, seed, set_, dry_run, json_out)
+    _run("scd", preset=preset, data=data, run_dir=run_dir, init=init, teacher=teacher, steps=steps, batch=batch,
+         seed=seed, overrides=set_, dry_run=dry_run, json_out=json_out)
 
 
-def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overrides, dry_run, json_out):
+def _run(method: str, *, preset: str, data: Optional[str], run_dir: Optional[Path], init: Optional[str],
+         teacher: Optional[str], steps: Optional[int], batch: Optional[int], seed: Optional[int],
+         overrides: List[str], dry_run: bool, json_out: bool) -> None:
+    """Resolve the config (once), then dry-run or train; the options as the command line gave them."""
     from scmctl import config as config_mod
     from scmctl import distributed
     from scmctl.training.parallel import check_scaleout

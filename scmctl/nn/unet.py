@@ -111,6 +111,9 @@ class UNet(nn.Module):
         self.emb_guidance = MPConv(cnoise, cemb) if cfg.guidance_input else None
         self.guidance_gain = nn.Parameter(torch.zeros([])) if cfg.guidance_input else None
         self.emb_label = MPConv(ncls, cemb) if ncls else None
+        # EDM's augment label (scmctl.data.augment), zero-initialized like the guidance input
+        self.emb_augment = MPConv(cfg.augment_dim, cemb) if cfg.augment_dim else None
+        self.augment_gain = nn.Parameter(torch.zeros([])) if cfg.augment_dim else None
         self.weight_embed = TimeEmbedding(cfg.adaptive_weight_channels, cfg.time_embedding, cfg.time_embedding_scale)
         self.weight_linear = MPConv(cfg.adaptive_weight_channels, 1)
 
@@ -154,8 +157,10 @@ class UNet(nn.Module):
         self.renormalize_()
 
     def embedding(self, t: torch.Tensor, labels: torch.Tensor | None,
-                  guidance: torch.Tensor | None) -> torch.Tensor:
+                  guidance: torch.Tensor | None, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.emb_noise(self.time_embed(t))
+        if self.emb_augment is not None and augment_labels is not None:  # None = zero (sampling)
+            emb = emb + self.emb_augment(augment_labels.float(), gain=self.augment_gain)
         if self.emb_guidance is not None:
             # zero-initialized gain: a student initialized from its teacher starts as the teacher
             g = torch.ones_like(t) if guidance is None else guidance.expand_as(t)
@@ -172,10 +177,11 @@ class UNet(nn.Module):
         return mp_silu(emb)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """F_θ(x, t): x = x_t/σ_d (N, C, H, W), t (N,) TrigFlow times in [0, π/2]."""
+                guidance: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """F_θ(x, t): x = x_t/σ_d (N, C, H, W), t (N,) TrigFlow times in [0, π/2]; augment_labels
+        (N, network.augment_dim): what the augmentation did to x's clean image (None = nothing)."""
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
-        emb = self.embedding(t, labels, guidance).to(x.dtype)
+        emb = self.embedding(t, labels, guidance, augment_labels).to(x.dtype)
         h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         h = self.conv_in(h)
         skips = [h]

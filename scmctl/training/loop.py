@@ -80,8 +80,8 @@ def learning_rate(cfg: Config, step: int) -> float:
     lr = t.lr
     if t.lr_ref_steps > 0:
         lr /= math.sqrt(max(step / t.lr_ref_steps, 1.0))
-    if t.lr_warmup_steps > 0:
-        lr *= min(step / t.lr_warmup_steps, 1.0)
+    if t.lr_rampup_images > 0:  # EDM/EDM2: linear ramp-up over the first lr_rampup_images images
+        lr *= min(step * t.batch / t.lr_rampup_images, 1.0)
     return lr
 
 

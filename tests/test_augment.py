@@ -153,3 +153,28 @@ def test_unet_augment_input_is_zero_initialized_and_used():
         net.augment_gain.fill_(1.0)
         assert torch.equal(net(x, t, augment_labels=torch.zeros(4, 9)), base)
         assert (net(x, t, augment_labels=lab) - base).abs().max() > 1e-3
+
+
+def test_augmented_training_resumes_bit_exactly_and_feeds_the_labels(tmp_path, capsys):
+    """The loop augments each micro-batch from its seed, so a resumed sCT run recomputes the same
+    transforms (bit-identical weights), and passes the labels to the network: the zero-initialized
+    augment gain gets a gradient only through them (it stays exactly 0 if they never arrive), in
+    the consistency loss and in the diffusion loss."""
+    from _cli import run
+
+    small = ["--preset", "tiny", "--set", "data.resolution=8", "--set", "network.model_channels=16",
+             "--set", "network.attn_resolutions=[4]", "--set", "network.head_channels=16",
+             "--set", "train.checkpoint_every=2", "--set", "train.grid_every=0",
+             "--set", "train.keep_checkpoints=0", "--set", "network.augment_dim=9",
+             "--set", "data.augment_p=0.5", "--batch", "8"]
+    full, part, teacher = tmp_path / "full", tmp_path / "part", tmp_path / "teacher"
+    assert run(capsys, "train", "--run-dir", full, *small, "--steps", 4)[0] == 0
+    assert run(capsys, "train", "--run-dir", part, *small, "--steps", 2)[0] == 0
+    assert run(capsys, "train", "--run-dir", part, *small, "--steps", 4)[0] == 0
+    a = torch.load(full / "checkpoint-0000004.pt", weights_only=True)
+    b = torch.load(part / "checkpoint-0000004.pt", weights_only=True)
+    for key in ("net", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["net"]["augment_gain"].abs().item() > 0
+    assert run(capsys, "train", "--run-dir", teacher, *small, "--objective", "diffusion", "--steps", 2)[0] == 0
+    assert torch.load(teacher / "checkpoint-0000002.pt", weights_only=True)["net"]["augment_gain"].abs().item() > 0

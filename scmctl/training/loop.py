@@ -47,6 +47,7 @@ import torch
 
 from scmctl import distributed, losses
 from scmctl.config import Config, LossConfig
+from scmctl.data import augment
 from scmctl.data.imageio import save_grid
 from scmctl.errors import UsageError
 from scmctl.fileio import write_text_atomic
@@ -195,6 +196,28 @@ class Model:
         """DDP gradient all-reduce only on the last micro-batch of a step (`no_sync` before)."""
         return self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
 
+    def with_augment_labels(self, augment_labels: Optional[torch.Tensor]) -> "Model":
+        """This model with every forward (gradient, tangent, teacher) given `augment_labels`, the
+        augment label of the micro-batch's images (EDM's non-leaking augmentation)."""
+        if augment_labels is None:
+            return self
+        bind = lambda f: None if f is None else _WithAugmentLabels(f, augment_labels)  # noqa: E731
+        return dataclasses.replace(self, grad_forward=bind(self.grad_forward), jvp_forward=bind(self.jvp_forward),
+                                   teacher_forward=bind(self.teacher_forward))
+
+
+class _WithAugmentLabels:
+    """A forward called with ``augment_labels=...`` added; ``adaptive_weight`` passes through."""
+
+    def __init__(self, forward: Callable, augment_labels: torch.Tensor):
+        self.forward, self.augment_labels = forward, augment_labels
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, augment_labels=self.augment_labels, **kwargs)
+
+    def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return self.forward.adaptive_weight(t)
+
 
 def plain_model(net: UNet, teacher: Optional[UNet] = None) -> Model:
     """One process, fp32, eager: every forward is the network itself."""
@@ -279,9 +302,11 @@ def shard_network(net: UNet, mesh, forward_methods: Sequence[str] = ("adaptive_w
 # ------------------------------------------------------------------------- one step ------------
 
 def micro_batch_loss(cfg: Config, model: Model, x0: torch.Tensor, onehot: Optional[torch.Tensor],
-                     step: int) -> losses.LossOutput:
-    """The loss of one micro-batch (its mean over examples)."""
+                     step: int, augment_labels: Optional[torch.Tensor] = None) -> losses.LossOutput:
+    """The loss of one micro-batch (its mean over examples); `augment_labels`: what the
+    augmentation did to x0, passed to every network call."""
     loss_cfg = model.loss_cfg or cfg.loss
+    model = model.with_augment_labels(augment_labels)
     if cfg.method == "diffusion":
         return losses.diffusion_loss(model.grad_forward, x0, onehot, loss_cfg, cfg.data.sigma_data,
                                      weight_net=model.net)
@@ -289,15 +314,16 @@ def micro_batch_loss(cfg: Config, model: Model, x0: torch.Tensor, onehot: Option
                                    teacher=model.teacher_forward, train_net=model.grad_forward)
 
 
-def accumulate_gradients(cfg: Config, model: Model, micro_batches: Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]],
+def accumulate_gradients(cfg: Config, model: Model, micro_batches: Iterable[tuple[torch.Tensor, ...]],
                          count: int, step: int) -> list[losses.LossOutput]:
-    """Backpropagate `count` micro-batches (an iterable of (x0, one-hot labels), drawn lazily so
-    each is drawn right after its seed) into the parameters' .grad, each loss scaled by 1/count:
-    with DDP/FSDP averaging over processes, .grad is the gradient of the mean over all examples."""
+    """Backpropagate `count` micro-batches (an iterable of (x0, one-hot labels[, augment labels]),
+    drawn lazily so each is drawn right after its seed) into the parameters' .grad, each loss
+    scaled by 1/count: with DDP/FSDP averaging over processes, .grad is the gradient of the mean
+    over all examples."""
     outs = []
-    for k, (x0, onehot) in enumerate(micro_batches):
+    for k, (x0, onehot, *augment_labels) in enumerate(micro_batches):
         with model.sync(last=k == count - 1):
-            out = micro_batch_loss(cfg, model, x0, onehot, step)
+            out = micro_batch_loss(cfg, model, x0, onehot, step, *augment_labels)
             (out.loss if count == 1 else out.loss / count).backward()
         outs.append(out)
     if len(outs) != count:
@@ -486,7 +512,7 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[UNet] = None,
     summary = {"run_dir": str(run_dir), "method": cfg.method, "start_step": start}
     my_micro = layout.indices(dist.rank)
 
-    def micro_batches(step: int, idx: torch.Tensor) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def micro_batches(step: int, idx: torch.Tensor) -> Iterator[tuple[torch.Tensor, ...]]:
         for j in my_micro:
             torch.manual_seed(micro_batch_seed(tc.seed, step, j))
             x0, lab = dataset.batch(idx[j * layout.micro:(j + 1) * layout.micro])
@@ -494,8 +520,11 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[UNet] = None,
             if cfg.data.xflip:
                 flip = torch.rand(x0.shape[0], device=device) < 0.5
                 x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+            augment_labels = None
+            if cfg.data.augment_p > 0:  # before any noise is drawn; EDM's non-leaking augmentation
+                x0, augment_labels = augment.augment(x0, cfg.data.augment_p)
             lab = lab.to(device) if (lab is not None and num_classes) else None
-            yield x0, losses.drop_labels(lab, num_classes, cfg.network.label_dropout)
+            yield x0, losses.drop_labels(lab, num_classes, cfg.network.label_dropout), augment_labels
 
     try:
         with progress(disable=not (show_progress and main)) as bar:

@@ -178,3 +178,38 @@ def test_augmented_training_resumes_bit_exactly_and_feeds_the_labels(tmp_path, c
     assert a["net"]["augment_gain"].abs().item() > 0
     assert run(capsys, "train", "--run-dir", teacher, *small, "--objective", "diffusion", "--steps", 2)[0] == 0
     assert torch.load(teacher / "checkpoint-0000002.pt", weights_only=True)["net"]["augment_gain"].abs().item() > 0
+
+
+@pytest.mark.parametrize("method,jvp_mode", [("diffusion", "dual"), ("sct", "dual"), ("sct", "separate"),
+                                             ("scd", "separate")])
+def test_every_network_call_of_a_micro_batch_gets_its_augment_labels(method, jvp_mode):
+    """Gradient forward, tangent pass and sCD teacher all see the micro-batch's augment labels."""
+    from scmctl import config
+    from scmctl.nn.unet import UNet
+    from scmctl.training.loop import micro_batch_loss, plain_model
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.seen = net, []
+
+        def forward(self, *args, **kwargs):
+            self.seen.append(kwargs.get("augment_labels"))
+            return self.net(*args, **kwargs)
+
+        def adaptive_weight(self, t):
+            return self.net.adaptive_weight(t)
+
+    cfg = config.resolve("tiny", method, ["network.augment_dim=9", "data.augment_p=0.5", "network.resolution=8",
+                                          "network.channels=1", "network.num_classes=0",
+                                          "network.attn_resolutions=[4]", f"loss.jvp_mode={jvp_mode}"])
+    torch.manual_seed(0)
+    student, teacher = Recorder(UNet(cfg.network)), Recorder(UNet(cfg.network).eval())
+    x0 = torch.randn(4, 1, 8, 8) * 0.5
+    x0, lab = aug.augment(x0, 0.5, torch.Generator().manual_seed(3))
+    model = plain_model(student, teacher if method == "scd" else None)
+    micro_batch_loss(cfg, model, x0, None, step=5, augment_labels=lab).loss.backward()
+    calls = student.seen + teacher.seen
+    assert len(student.seen) == (1 if method == "diffusion" or jvp_mode == "dual" else 2)
+    assert len(teacher.seen) == (1 if method == "scd" else 0)
+    assert all(seen is lab for seen in calls)

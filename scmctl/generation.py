@@ -81,9 +81,9 @@ def load_for_sampling(model: str | os.PathLike, weights: str = "ema", device="au
     """(net, config, kind, checkpoint dict, device) for a checkpoint file or a run directory's latest."""
     from scmctl.config import from_dict
     from scmctl.training import checkpoint as ckpt_io
-    from scmctl.training.loop import select_device
+    from scmctl.devices import select_device
 
-    dev = device if isinstance(device, torch.device) else select_device(device)
+    dev = select_device(device)
     ckpt = ckpt_io.load(model, map_location="cpu")
     net = ckpt_io.network_from_checkpoint(ckpt, weights, dev)
     return net, from_dict(ckpt["config"]), ckpt["kind"], ckpt, dev
@@ -139,7 +139,7 @@ class Generator:
         else:
             self.times = None
             calls = _solver(solver).calls(steps)
-        self.nfe = calls * evaluations_per_call(net, self.guidance)  # network evaluations per image
+        self.nfe = calls * evaluations_per_call(net, self.guidance)  # guided: F_c and F_u per call
 
     @property
     def uses_t_mid(self) -> bool:

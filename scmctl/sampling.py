@@ -1,4 +1,5 @@
-"""Samplers (SCM_NOTES §5): consistency 1/2/K-step, refine, and teacher ODE solvers in TrigFlow.
+"""Samplers in TrigFlow: consistency 1/2/K-step (Lu & Song 2025, Sec. 2 and App. G), refine, and
+the teacher ODE solvers (:data:`SOLVERS`).
 
 Image k of a sampling run uses its own generator seeded with `seed + k` (EDM's "seeds 0-49999"),
 from which it draws, in this order, its class label (conditional models) and then one noise image
@@ -31,23 +32,32 @@ def per_image_draws(seeds: Sequence[int], shape: tuple[int, ...], num_noises: in
     return z, lab
 
 
+def evaluations_per_call(net, guidance: float, conditional: bool = True) -> int:
+    """Network evaluations per velocity call: 2 for classifier-free guidance of a conditional
+    model without a guidance input (F_c and F_u), else 1."""
+    takes_guidance = getattr(net, "emb_guidance", None) is not None
+    guided = conditional and bool(getattr(net, "num_classes", 0)) and float(guidance) != 1.0
+    return 2 if (guided and not takes_guidance) else 1
+
+
 class Velocity:
     """F(x_t/σ_d, t) for sampling, with classifier-free guidance where the model takes it:
     a student with a guidance input gets s directly; a conditional teacher gets
-    F_u + s·(F_c − F_u) (2 evaluations); unconditional models ignore s."""
+    F_u + s·(F_c − F_u) (2 evaluations); unconditional models ignore s. `nfe` counts network
+    evaluations (2 per guided call)."""
 
     def __init__(self, net, sigma_data: float, labels: Optional[torch.Tensor], guidance: float = 1.0):
         self.net, self.sigma_data, self.labels, self.guidance = net, sigma_data, labels, guidance
         self.nfe = 0  # network evaluations so far (a guided call of a conditional teacher is 2)
         self.takes_guidance = getattr(net, "emb_guidance", None) is not None
-        self.evals = evaluations_per_call(net, guidance)
+        self.evaluations = evaluations_per_call(net, guidance, labels is not None)
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         n = x_t.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1).expand(n)
         x = x_t / self.sigma_data
-        self.nfe += self.evals
+        self.nfe += self.evaluations
         if self.takes_guidance:
             g = torch.full((n,), float(self.guidance), device=x_t.device)
             return self.net(x, t, self.labels, g)
@@ -88,13 +98,6 @@ def consistency_sample(vel: Velocity, noises: torch.Tensor, times: Sequence[floa
             x = math.cos(t) * x0 + math.sin(t) * sigma_data * noises[i]
         x0 = trigflow.denoise(x, torch.full((x.shape[0],), t, device=x.device), vel(x, t), sigma_data)
     return x0
-
-
-def evaluations_per_call(net, guidance: float) -> int:
-    """Network evaluations behind one velocity call: 2 for classifier-free guidance of a conditional
-    model without a guidance input (F_u and F_c), else 1."""
-    guided = guidance != 1.0 and getattr(net, "emb_guidance", None) is None
-    return 2 if guided and getattr(net, "num_classes", 0) else 1
 
 
 def _denoised(vel: Velocity, x_t: torch.Tensor, t: float) -> torch.Tensor:

@@ -186,7 +186,8 @@ def test_every_network_call_of_a_micro_batch_gets_its_augment_labels(method, jvp
     """Gradient forward, tangent pass and sCD teacher all see the micro-batch's augment labels."""
     from scmctl import config
     from scmctl.nn.unet import UNet
-    from scmctl.training.loop import micro_batch_loss, plain_model
+    from scmctl.training.parallel import plain_model
+    from scmctl.training.step import micro_batch_loss
 
     class Recorder(torch.nn.Module):
         def __init__(self, net):

@@ -19,7 +19,9 @@ from typing import Any, Optional
 
 import yaml
 
+from scmctl.data.augment import AUGMENT_DIM
 from scmctl.errors import UsageError
+from scmctl.sampling import SOLVERS
 
 METHODS = ("diffusion", "sct", "scd")
 NETWORK_ARCHS = ("edm2", "ddpmpp", "ncsnpp")   # scmctl.nn.networks.NETWORKS builds each
@@ -37,6 +39,8 @@ class DataConfig:
     sigma_data: float = 0.5               # std of the data (images in [-1, 1], normalized latents)
     conditional: bool = True              # use class labels when the dataset has them
     xflip: bool = False                   # random horizontal flips (the paper uses none)
+    augment_p: float = 0.0                # EDM's non-leaking augmentation probability; 0 = off
+                                          # (CIFAR-10 teacher: 0.12; needs network.augment_dim = 9)
     # Latent data (ImageNet-512): the autoencoder that decodes samples, and the per-channel latent
     # statistics of z_norm = (z − latent_mean)·sigma_data/latent_std. Empty/None = pixel data.
     # Filled from a prepared latent dataset's metadata; a preset's values must agree with it.
@@ -66,7 +70,7 @@ class NetworkConfig:
     time_embedding_scale: float = 1.0     # frequency multiplier on c_noise(t) = t
     adaptive_double_norm: bool = True     # y = norm(x)·pnorm(s(t)) + pnorm(b(t)); False = EDM2 gain
     guidance_input: bool = False          # sCD student: guidance scale s embedded like t
-    augment_dim: int = 0                  # augmentation-label input (EDM's pipeline: 9); 0 = none
+    augment_dim: int = 0                  # EDM's augment label input (9) added to the embedding; 0 = none
     adaptive_weight_channels: int = 128            # adaptive weighting head w_φ(t)
     attention_backend: str = "auto"       # auto | xformers | sdpa | math
     attention_jvp: str = "auto"           # auto | chunked | fused | math
@@ -78,7 +82,7 @@ class TrainConfig:
     batch: int = 64                       # global batch size
     lr: float = 1e-3                      # α_ref
     lr_ref_steps: int = 0                 # t_ref of α(t) = α_ref/√max(t/t_ref, 1); 0 = constant
-    lr_warmup_steps: int = 0              # linear ramp-up of the learning rate
+    lr_rampup_images: int = 0             # EDM/EDM2: lr × min(1, images seen/this); 0 = off (EDM2: 10M)
     optimizer: str = "adam"               # adam | radam
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     eps: float = 1e-8
@@ -120,8 +124,8 @@ class LossConfig:
 class SampleConfig:
     steps: int = 2                        # consistency steps (t_max, t_mid, ...)
     t_mid: float = 1.1
-    solver: str = "heun"                  # teacher ODE solver: heun | dpm2s | euler
-    solver_steps: int = 18                # teacher: Heun 18 steps = 35 NFE
+    solver: str = "dpm2s"                 # teacher ODE solver, one of sampling.SOLVERS
+    solver_steps: int = 18                # teacher: DPM-Solver-2S, 18 steps = 35 NFE
     grid_images: int = 64                 # images in the sample grids written while training
 
 
@@ -154,7 +158,7 @@ CHOICES = {
     "loss.jvp_mode": ("dual", "separate"),
     "train.parallel": ("ddp", "fsdp"),
     "train.precision": ("fp32", "bf16"),
-    "sample.solver": ("heun", "dpm2s", "euler"),
+    "sample.solver": tuple(SOLVERS),
 }
 
 
@@ -290,9 +294,23 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def from_dict(d: dict[str, Any]) -> Config:
+    """A config from a mapping (a run's config.yaml or a checkpoint's), read by today's schema;
+    keys that older versions wrote are translated first (:func:`_upgrade`)."""
     cfg = Config()
-    _apply(cfg, d)
+    _apply(cfg, _upgrade(d))
     return cfg
+
+
+def _upgrade(d: dict[str, Any]) -> dict[str, Any]:
+    """scmctl <= 0.2 wrote train.lr_warmup_steps (a ramp-up in steps); it is lr_rampup_images now."""
+    train = d.get("train")
+    if not isinstance(train, dict) or "lr_warmup_steps" not in train:
+        return d
+    train = dict(train)
+    steps = train.pop("lr_warmup_steps")
+    if steps and "lr_rampup_images" not in train:
+        train["lr_rampup_images"] = int(steps) * int(train.get("batch", TrainConfig.batch))
+    return {**d, "train": train}
 
 
 # ------------------------------------------------------------------------------ presets ---------
@@ -402,6 +420,16 @@ def validate(cfg: Config) -> None:
             raise UsageError(f"config key '{key}' must be >= {lo}, got {val}")
     if not cfg.network.channel_mult:
         raise UsageError("config key 'network.channel_mult' must not be empty")
+    if not 0 <= cfg.data.augment_p <= 1:
+        raise UsageError(f"config key 'data.augment_p' must be in [0, 1], got {cfg.data.augment_p}")
+    if cfg.network.augment_dim not in (0, AUGMENT_DIM):
+        raise UsageError(f"config key 'network.augment_dim' must be 0 or {AUGMENT_DIM} (EDM's augment label), "
+                         f"got {cfg.network.augment_dim}")
+    if cfg.data.augment_p > 0 and not cfg.network.augment_dim:
+        raise UsageError(f"data.augment_p > 0 needs network.augment_dim={AUGMENT_DIM}: the network must see what "
+                         "the augmentation did, or the augmentation leaks into the samples")
+    if t.lr_rampup_images < 0:
+        raise UsageError(f"config key 'train.lr_rampup_images' must be >= 0, got {t.lr_rampup_images}")
     if not 0 <= cfg.network.dropout < 1 or not 0 <= cfg.network.label_dropout < 1:
         raise UsageError("dropout rates must be in [0, 1)")
     if t.lr <= 0:

@@ -21,7 +21,8 @@ open_generator(model, *, steps=None, t_mid=None, ts=None, solver=None, guidance=
              default: the checkpoint config's ``sample.steps`` / ``sample.solver_steps``
     t_mid:   the 2-step intermediate time (default ``sample.t_mid``, 1.1 in the paper)
     ts:      explicit decreasing times after t_max (consistency models)
-    solver:  heun | dpm2s | euler (diffusion models; default ``sample.solver``)
+    solver:  a name in :data:`scmctl.sampling.SOLVERS` (dpm2s, heun, heun-t, euler; diffusion
+             models; default ``sample.solver``)
     guidance: the guidance scale s (a CFG teacher, or an sCD student's input); ignored by
              unconditional models
     label:   None or "random" (drawn per seed), or a class index for every image
@@ -60,9 +61,6 @@ import torch
 from scmctl.errors import UsageError
 from scmctl.fileio import sha256_file, write_atomic, write_json_atomic
 
-SOLVERS = ("heun", "dpm2s", "euler")
-
-
 # --------------------------------------------------------------------------------------------
 # The generator
 # --------------------------------------------------------------------------------------------
@@ -89,6 +87,16 @@ def load_for_sampling(model: str | os.PathLike, weights: str = "ema", device="au
     ckpt = ckpt_io.load(model, map_location="cpu")
     net = ckpt_io.network_from_checkpoint(ckpt, weights, dev)
     return net, from_dict(ckpt["config"]), ckpt["kind"], ckpt, dev
+
+
+def _solver(name: str):
+    """The teacher solver called `name` (:data:`scmctl.sampling.SOLVERS`); a bad name names --solver."""
+    from scmctl.sampling import solver_named
+
+    try:
+        return solver_named(name)
+    except UsageError as e:
+        raise UsageError(f"--solver: {e}") from None
 
 
 def parse_label(label, num_classes: int) -> Optional[int]:
@@ -127,13 +135,11 @@ class Generator:
             if ts is None and steps >= 2 and not 0 < t_mid < t_max:
                 raise UsageError(f"--t-mid must be in (0, t_max = {t_max:.4f}), got {t_mid}")
             self.times = consistency_times(steps, t_max, t_mid, ts)  # validates --ts
-            self.nfe = len(self.times)
+            calls = len(self.times)
         else:
-            if solver not in SOLVERS:
-                raise UsageError(f"--solver must be heun, dpm2s or euler, got '{solver}'")
             self.times = None
-            self.nfe = steps if solver == "euler" else 2 * steps - 1  # last step to t = 0 is 1st order
-        self.nfe *= evaluations_per_call(net, self.guidance)  # guided: F_c and F_u per call
+            calls = _solver(solver).calls(steps)
+        self.nfe = calls * evaluations_per_call(net, self.guidance)  # guided: F_c and F_u per call
 
     @property
     def uses_t_mid(self) -> bool:
@@ -223,8 +229,8 @@ def open_generator(model: str | os.PathLike, *, steps: Optional[int] = None, t_m
     """Load a checkpoint (or a run directory's latest) and resolve the sampling settings."""
     if steps is not None and steps < 1:
         raise UsageError("--steps must be >= 1")
-    if solver is not None and solver not in SOLVERS:
-        raise UsageError(f"--solver must be heun, dpm2s or euler, got '{solver}'")
+    if solver is not None:
+        _solver(solver)
     ts = [float(x) for x in ts] if ts else None
     net, cfg, kind, ckpt, dev = load_for_sampling(model, weights, device)
     if kind == "diffusion" and ts:

@@ -1,4 +1,5 @@
-"""Samplers (SCM_NOTES §5): consistency 1/2/K-step, refine, and teacher ODE solvers in TrigFlow.
+"""Samplers in TrigFlow: consistency 1/2/K-step (Lu & Song 2025, Sec. 2 and App. G), refine, and
+the teacher ODE solvers (:data:`SOLVERS`).
 
 Image k of a sampling run uses its own generator seeded with `seed + k` (EDM's "seeds 0-49999"),
 from which it draws, in this order, its class label (conditional models) and then one noise image
@@ -8,7 +9,8 @@ per sampling step. So an image depends only on the seed and k, never on the batc
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -46,7 +48,7 @@ class Velocity:
 
     def __init__(self, net, sigma_data: float, labels: Optional[torch.Tensor], guidance: float = 1.0):
         self.net, self.sigma_data, self.labels, self.guidance = net, sigma_data, labels, guidance
-        self.nfe = 0
+        self.nfe = 0  # network evaluations so far (a guided call of a conditional teacher is 2)
         self.takes_guidance = getattr(net, "emb_guidance", None) is not None
         self.evaluations = evaluations_per_call(net, guidance, labels is not None)
 
@@ -98,44 +100,93 @@ def consistency_sample(vel: Velocity, noises: torch.Tensor, times: Sequence[floa
     return x0
 
 
-@torch.no_grad()
-def ode_sample(vel: Velocity, x: torch.Tensor, times: torch.Tensor, sigma_data: float,
-               solver: str = "heun") -> torch.Tensor:
-    """Solve the PF-ODE dx/dt = σ_d·F(x/σ_d, t) along decreasing `times` (ending at 0).
+def _denoised(vel: Velocity, x_t: torch.Tensor, t: float) -> torch.Tensor:
+    """D(x_t, t) = cos t·x_t − sin t·σ_d·F(x_t/σ_d, t): one velocity call."""
+    tt = torch.full((x_t.shape[0],), t, dtype=x_t.dtype, device=x_t.device)
+    return trigflow.denoise(x_t, tt, vel(x_t, t), vel.sigma_data)
 
-    heun:  EDM's Heun (2nd order; the last step to t = 0 is 1st order): 2N−1 evaluations.
-    dpm2s: DPM-Solver++(2S) in TrigFlow (α = cos t, σ = sin t, λ = log cot t): a DDIM step to the
-           λ-midpoint m, then x_t = (sin t/sin s)·x_s + (sin(s−t)/sin s)·D(x_m, m); 2nd order; the
-           last step to t = 0 is the DDIM step: 2N−1 evaluations.
-    euler: the TrigFlow DDIM step x_t = cos(s−t)·x_s − sin(s−t)·σ_d·F(x_s, s) (exact for constant
-           F, equivalently constant D): N evaluations.
-    """
+
+def heun_sigma_step(vel: Velocity, x: torch.Tensor, s: float, t: float) -> torch.Tensor:
+    """EDM's deterministic Heun step in σ (Karras et al. 2022, Alg. 1 with S_churn = 0), run on
+    x_σ = x_t/cos t, σ = σ_d·tan t: d_s = (x_σ − D(x_σ; σ_s))/σ_s, an Euler step to σ_t, then
+    the second-order correction with the slope at σ_t, except on the last step to σ = 0."""
+    sig_s, sig_t = vel.sigma_data * math.tan(s), vel.sigma_data * math.tan(t)
+    x_sig = x / math.cos(s)
+    d_s = (x_sig - _denoised(vel, x, s)) / sig_s
+    x_next = x_sig + (sig_t - sig_s) * d_s
+    if t > 0:
+        d_t = (x_next - _denoised(vel, math.cos(t) * x_next, t)) / sig_t
+        x_next = x_sig + (sig_t - sig_s) * 0.5 * (d_s + d_t)
+    return math.cos(t) * x_next
+
+
+def heun_t_step(vel: Velocity, x: torch.Tensor, s: float, t: float) -> torch.Tensor:
+    """The trapezoidal (Heun) step on the TrigFlow ODE in t, dx/dt = σ_d·F(x/σ_d, t); the last
+    step to t = 0 is an Euler step in t."""
+    d_s = vel.sigma_data * vel(x, s)
+    x_next = x + (t - s) * d_s
+    if t > 0:
+        x_next = x + (t - s) * 0.5 * (d_s + vel.sigma_data * vel(x_next, t))
+    return x_next
+
+
+def dpm2s_step(vel: Velocity, x: torch.Tensor, s: float, t: float) -> torch.Tensor:
+    """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1 with r = 1/2) in TrigFlow, where α = cos t,
+    σ = sin t and λ = log cot t: a DDIM step to the λ-midpoint m, then the data-prediction step
+    x_t = (sin t/sin s)·x_s + (sin(s−t)/sin s)·D(x_m, m). λ is infinite at t = 0: the last step
+    is the DDIM step (exact for a constant D)."""
+    F_s = vel(x, s)
+    if t <= 0:
+        return trigflow.ddim_step(x, s, t, F_s, vel.sigma_data)
+    m = math.atan(math.exp(-0.5 * (math.log(1 / math.tan(s)) + math.log(1 / math.tan(t)))))
+    x_m = trigflow.ddim_step(x, s, m, F_s, vel.sigma_data)
+    return (math.sin(t) / math.sin(s)) * x + (math.sin(s - t) / math.sin(s)) * _denoised(vel, x_m, m)
+
+
+def euler_step(vel: Velocity, x: torch.Tensor, s: float, t: float) -> torch.Tensor:
+    """The TrigFlow DDIM step x_t = cos(s−t)·x_s − sin(s−t)·σ_d·F(x_s/σ_d, s), exact for a
+    constant F; in σ it is EDM's Euler step x_σt = x_σs + (σ_t − σ_s)·(x_σs − D)/σ_s."""
+    return trigflow.ddim_step(x, s, t, vel(x, s), vel.sigma_data)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A teacher ODE solver: `step(vel, x_s, s, t)` advances x_s to x_t (s > t >= 0) with
+    `evals_per_step` velocity calls, one on the last step (to t = 0)."""
+    step: Callable[[Velocity, torch.Tensor, float, float], torch.Tensor]
+    order: int
+    evals_per_step: int
+    summary: str
+
+    def calls(self, steps: int) -> int:
+        """Velocity calls of a `steps`-step solve ending at t = 0."""
+        return (steps - 1) * self.evals_per_step + 1
+
+
+# The one list of teacher solvers: config validation, the CLI's help and error messages derive from it.
+SOLVERS: dict[str, Solver] = {
+    "dpm2s": Solver(dpm2s_step, 2, 2, "DPM-Solver++(2S), the paper's teacher sampler; 2N−1 evaluations"),
+    "heun": Solver(heun_sigma_step, 2, 2, "EDM's Heun in σ (EDM Alg. 1); 2N−1 evaluations"),
+    "heun-t": Solver(heun_t_step, 2, 2, "Heun (trapezoid) in TrigFlow t; 2N−1 evaluations"),
+    "euler": Solver(euler_step, 1, 1, "TrigFlow DDIM = EDM's Euler in σ; N evaluations"),
+}
+
+
+def solver_named(name: str) -> Solver:
+    """The solver called `name`, or a one-line UsageError listing the choices."""
+    if name not in SOLVERS:
+        raise UsageError(f"unknown solver '{name}' (choose from {', '.join(SOLVERS)})")
+    return SOLVERS[name]
+
+
+@torch.no_grad()
+def ode_sample(vel: Velocity, x: torch.Tensor, times: torch.Tensor, solver: str = "dpm2s") -> torch.Tensor:
+    """Solve the PF-ODE dx/dt = σ_d·F(x/σ_d, t) along decreasing `times` (ending at 0) with one
+    of :data:`SOLVERS`."""
+    step = solver_named(solver).step
     times = [float(t) for t in times]
     for s, t in zip(times[:-1], times[1:]):
-        F_s = vel(x, s)
-        if solver == "euler":
-            x = trigflow.ddim_step(x, s, t, F_s, sigma_data)
-        elif solver == "dpm2s":
-            if t <= 0:  # λ = log cot t is infinite at t = 0: finish with the exact-for-constant-D step
-                x = trigflow.ddim_step(x, s, t, F_s, sigma_data)
-                continue
-            # midpoint in λ = log(cot t) (DPM-Solver++(2S), r = 1/2), then the data-prediction
-            # exponential-integrator step with D at the midpoint
-            lam_m = 0.5 * (math.log(1 / math.tan(s)) + math.log(1 / math.tan(t)))
-            m = math.atan(math.exp(-lam_m))
-            x_m = trigflow.ddim_step(x, s, m, F_s, sigma_data)
-            D_m = trigflow.denoise(x_m, torch.full((x.shape[0],), m, dtype=x.dtype, device=x.device),
-                                   vel(x_m, m), sigma_data)
-            x = (math.sin(t) / math.sin(s)) * x + (math.sin(s - t) / math.sin(s)) * D_m
-        elif solver == "heun":
-            d_s = sigma_data * F_s
-            x_next = x + (t - s) * d_s
-            if t > 0:
-                d_t = sigma_data * vel(x_next, t)
-                x_next = x + (t - s) * 0.5 * (d_s + d_t)
-            x = x_next
-        else:
-            raise UsageError(f"unknown solver '{solver}' (choose heun, dpm2s or euler)")
+        x = step(vel, x, s, t)
     return x
 
 
@@ -155,7 +206,7 @@ def num_draws(kind: str, steps: int, t_max: float, t_mid: float = 1.1,
 @torch.no_grad()
 def generate(net, kind: str, seeds: Sequence[int], shape: tuple[int, ...], sigma_data: float,
              steps: int, t_mid: float = 1.1, ts: Optional[Sequence[float]] = None,
-             solver: str = "heun", labels: Optional[torch.Tensor] = None, guidance: float = 1.0,
+             solver: str = "dpm2s", labels: Optional[torch.Tensor] = None, guidance: float = 1.0,
              device="cpu", draws: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
              ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Images (float, data space) for `seeds`; returns (x0, labels, network evaluations per batch).
@@ -176,13 +227,13 @@ def generate(net, kind: str, seeds: Sequence[int], shape: tuple[int, ...], sigma
         x0 = consistency_sample(vel, noises, times, sigma_data)
     else:
         times_t = teacher_times(steps, sigma_data)
-        x0 = ode_sample(vel, noises[0] * sigma_data * math.sin(tmax), times_t, sigma_data, solver)
+        x0 = ode_sample(vel, noises[0] * sigma_data * math.sin(tmax), times_t, solver)
     return x0, lab, vel.nfe
 
 
 @torch.no_grad()
 def refine(net, kind: str, x0: torch.Tensor, seeds: Sequence[int], times: Sequence[float],
-           sigma_data: float, solver: str = "heun", solver_steps: int = 18,
+           sigma_data: float, solver: str = "dpm2s", solver_steps: int = 18,
            labels: Optional[torch.Tensor] = None, guidance: float = 1.0) -> torch.Tensor:
     """Re-noise given images to each t in `times` in turn and denoise them: one consistency step
     (consistency models) or an ODE solve from t to 0 (diffusion models). Noise per image from
@@ -196,5 +247,5 @@ def refine(net, kind: str, x0: torch.Tensor, seeds: Sequence[int], times: Sequen
         if kind == "consistency":
             x0 = trigflow.denoise(x, torch.full((x.shape[0],), t, device=x.device), vel(x, t), sigma_data)
         else:
-            x0 = ode_sample(vel, x, teacher_times(solver_steps, sigma_data, t_start=t), sigma_data, solver)
+            x0 = ode_sample(vel, x, teacher_times(solver_steps, sigma_data, t_start=t), solver)
     return x0

@@ -65,7 +65,7 @@ def test_lifecycle_train_sample_distill_sct_refine_eval(tmp_path, capsys, detect
     cfg = yaml.safe_load((teacher / "config.yaml").read_text())
     assert cfg["method"] == "diffusion" and cfg["network"]["resolution"] == 8
 
-    # teacher sampling: Heun with 3 steps = 5 network evaluations
+    # teacher sampling: the default DPM-Solver-2S with 3 steps = 5 network evaluations
     code, out, err = run(capsys, "sample", teacher, "-n", 5, "--steps", 3, "--batch", 2, "--json")
     assert code == 0, err
     s = one_json(out)

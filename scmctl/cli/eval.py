@@ -12,6 +12,7 @@ import typer
 
 from scmctl.cli import app
 from scmctl.errors import UsageError
+from scmctl.sampling import SOLVERS
 
 eval_app = typer.Typer(help="Evaluate samples: reference statistics, FID, FD_DINOv2, KID, precision/recall.",
                        no_args_is_help=True, add_completion=False)
@@ -58,7 +59,7 @@ REPEAT = typer.Option(1, "--repeat", help="Evaluate R disjoint sets (seed sets s
 STEPS = typer.Option(None, "--steps", help="Generated: consistency steps, or ODE solver steps of a diffusion model.")
 T_MID = typer.Option(None, "--t-mid", help="Generated: 2-step intermediate time (default: the checkpoint's, 1.1).")
 GUIDANCE = typer.Option(1.0, "--guidance", help="Generated: guidance scale s.")
-SOLVER = typer.Option(None, "--solver", help="Generated diffusion models: heun | dpm2s | euler.")
+SOLVER = typer.Option(None, "--solver", help=f"Generated diffusion models: {' | '.join(SOLVERS)}.")
 JSON = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 BATCH = typer.Option(64, "--batch", help="Images per detector (and generator) batch.")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA if available), cpu, cuda, cuda:N.")

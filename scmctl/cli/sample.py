@@ -16,6 +16,7 @@ import typer
 from scmctl.cli import app
 from scmctl.cli.common import console, emit_json, progress
 from scmctl.errors import UsageError
+from scmctl.sampling import SOLVERS
 from scmctl.generation import load_for_sampling, parse_label  # noqa: F401  (used by `refine`)
 
 SEARCH_DEFAULT_N = 5000  # a proxy budget: FIDs at 5k samples are biased upwards but rank t_mid alike
@@ -57,7 +58,7 @@ def sample_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR", help="Ch
                steps: Optional[int] = typer.Option(None, "--steps", help="Consistency steps (1, 2, K) or the ODE solver's steps for a diffusion model."),
                t_mid: Optional[float] = typer.Option(None, "--t-mid", help="2-step intermediate time (default: the config's, 1.1)."),
                ts: Optional[str] = typer.Option(None, "--ts", help="Explicit decreasing times T1,T2,... (consistency models)."),
-               solver: Optional[str] = typer.Option(None, "--solver", help="Diffusion models: heun | dpm2s | euler."),
+               solver: Optional[str] = typer.Option(None, "--solver", help=f"Diffusion models: {' | '.join(SOLVERS)} (default: the checkpoint's sample.solver)."),
                label: Optional[str] = typer.Option(None, "--label", help="Class index, or 'random' (per seed)."),
                guidance: float = typer.Option(1.0, "--guidance", help="Guidance scale s (CFG teacher, or an sCD student's input)."),
                seed: int = typer.Option(0, "--seed", help="Image k uses seed SEED+k."),

@@ -101,8 +101,6 @@ class UNet(ImageNetwork):
         if res % (2 ** (levels - 1)) != 0 or (res >> (levels - 1)) < 1:
             raise UsageError(f"image size {res} is not divisible by 2^{levels - 1} "
                              f"(network.channel_mult has {levels} levels)")
-        if cfg.augment_dim:
-            raise UsageError("network.augment_dim (an augmentation-label input) needs network.arch ddpmpp or ncsnpp")
         self.cfg = cfg
         self.num_classes = ncls
         cblock = [cfg.model_channels * m for m in cfg.channel_mult]
@@ -114,6 +112,9 @@ class UNet(ImageNetwork):
         self.emb_guidance = MPConv(cnoise, cemb) if cfg.guidance_input else None
         self.guidance_gain = nn.Parameter(torch.zeros([])) if cfg.guidance_input else None
         self.emb_label = MPConv(ncls, cemb) if ncls else None
+        # EDM's augment label (scmctl.data.augment), zero-initialized like the guidance input
+        self.emb_augment = MPConv(cfg.augment_dim, cemb) if cfg.augment_dim else None
+        self.augment_gain = nn.Parameter(torch.zeros([])) if cfg.augment_dim else None
         self.init_weight_head(cfg)
 
         def block(cin, cout, flavor, level, mode="keep", attn=False):
@@ -156,8 +157,10 @@ class UNet(ImageNetwork):
         self.renormalize_()
 
     def embedding(self, t: torch.Tensor, labels: torch.Tensor | None,
-                  guidance: torch.Tensor | None) -> torch.Tensor:
+                  guidance: torch.Tensor | None, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.emb_noise(self.time_embed(t))
+        if self.emb_augment is not None and augment_labels is not None:  # None = zero (sampling)
+            emb = emb + self.emb_augment(augment_labels.float(), gain=self.augment_gain)
         if self.emb_guidance is not None:
             # zero-initialized gain: a student initialized from its teacher starts as the teacher
             g = torch.ones_like(t) if guidance is None else guidance.expand_as(t)
@@ -169,10 +172,11 @@ class UNet(ImageNetwork):
         return mp_silu(emb)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """F_θ(x, t): x = x_t/σ_d (N, C, H, W), t (N,) TrigFlow times in [0, π/2]."""
+                guidance: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """F_θ(x, t): x = x_t/σ_d (N, C, H, W), t (N,) TrigFlow times in [0, π/2]; augment_labels
+        (N, network.augment_dim): what the augmentation did to x's clean image (None = nothing)."""
         t = per_sample(t, x.shape[0])
-        emb = self.embedding(t, labels, guidance).to(x.dtype)
+        emb = self.embedding(t, labels, guidance, augment_labels).to(x.dtype)
         h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         h = self.conv_in(h)
         skips = [h]

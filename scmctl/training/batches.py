@@ -15,6 +15,7 @@ import torch
 
 from scmctl import losses
 from scmctl.config import Config
+from scmctl.data import augment as edm_augment
 from scmctl.data.datasets import batch_indices
 from scmctl.training.parallel import BatchLayout
 
@@ -29,19 +30,22 @@ def micro_batch_seed(seed: int, step: int, index: int) -> int:
     return (step_seed(seed, step) + index * 1_000_000_007) % (2 ** 63 - 1)
 
 
-def augment(cfg: Config, x0: torch.Tensor) -> torch.Tensor:
+def augment(cfg: Config, x0: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Data augmentation of one micro-batch (drawn from the micro-batch's RNG): random
-    horizontal flips with data.xflip."""
+    horizontal flips with data.xflip, then EDM's non-leaking augmentation with data.augment_p.
+    Returns (x0, its augment labels for the network, or None without data.augment_p)."""
     if cfg.data.xflip:
         flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-    return x0
+    if cfg.data.augment_p > 0:
+        return edm_augment.augment(x0, cfg.data.augment_p)
+    return x0, None
 
 
 def micro_batches(cfg: Config, dataset, layout: BatchLayout, rank: int, step: int,
-                  device: torch.device) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """This process's micro-batches of `step` as (x0 in model space, one-hot labels or None),
-    drawn lazily: each right after its seed is set. `dataset`: ``len(dataset)`` examples and
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+    """This process's micro-batches of `step` as (x0 in model space, one-hot labels or None,
+    augment labels or None), drawn lazily: each right after its seed is set. `dataset`: ``len(dataset)`` examples and
     ``dataset.batch(indices) -> (x0 float32 NCHW, int64 labels or None)``."""
     tc = cfg.train
     num_classes = cfg.network.num_classes or 0
@@ -49,6 +53,6 @@ def micro_batches(cfg: Config, dataset, layout: BatchLayout, rank: int, step: in
     for j in layout.indices(rank):
         torch.manual_seed(micro_batch_seed(tc.seed, step, j))
         x0, labels = dataset.batch(idx[j * layout.micro:(j + 1) * layout.micro])
-        x0 = augment(cfg, x0.to(device))
+        x0, augment_labels = augment(cfg, x0.to(device))  # before the loss draws any noise
         labels = labels.to(device) if (labels is not None and num_classes) else None
-        yield x0, losses.drop_labels(labels, num_classes, cfg.network.label_dropout)
+        yield x0, losses.drop_labels(labels, num_classes, cfg.network.label_dropout), augment_labels

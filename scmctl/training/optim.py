@@ -17,14 +17,15 @@ def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
 
 def learning_rate(cfg: Config, step: int) -> float:
     """α(step) = α_ref/√max(step/t_ref, 1), the inverse square-root decay of EDM2 (Karras et al.
-    2024) that the paper's ImageNet runs use (Lu & Song 2025, App. G), times a linear ramp-up over
-    train.lr_warmup_steps. Further terms multiply in here."""
+    2024) that the paper's ImageNet runs use (Lu & Song 2025, App. G), times EDM/EDM2's linear
+    ramp-up min(1, images seen/train.lr_rampup_images) (both use 10 Mimg). Further terms multiply
+    in here."""
     tc = cfg.train
     lr = tc.lr
     if tc.lr_ref_steps > 0:
         lr /= math.sqrt(max(step / tc.lr_ref_steps, 1.0))
-    if tc.lr_warmup_steps > 0:
-        lr *= min(step / tc.lr_warmup_steps, 1.0)
+    if tc.lr_rampup_images > 0:
+        lr *= min(step * tc.batch / tc.lr_rampup_images, 1.0)
     return lr
 
 

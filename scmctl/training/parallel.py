@@ -28,7 +28,7 @@ compiles the gradient forward (DDP wrapper included); the tangent pass and the t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -143,6 +143,30 @@ class Model:
     def sync(self, last: bool):
         """DDP gradient all-reduce only on the last micro-batch of a step (`no_sync` before)."""
         return self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
+
+    def with_augment_labels(self, augment_labels: Optional[torch.Tensor]) -> "Model":
+        """This model with every forward (gradient, tangent, teacher) given `augment_labels`, the
+        augment label of the micro-batch's images (EDM's non-leaking augmentation)."""
+        if augment_labels is None:
+            return self
+
+        def bind(forward):
+            return None if forward is None else _WithAugmentLabels(forward, augment_labels)
+        return replace(self, grad_forward=bind(self.grad_forward), jvp_forward=bind(self.jvp_forward),
+                       teacher_forward=bind(self.teacher_forward))
+
+
+class _WithAugmentLabels:
+    """A forward called with ``augment_labels=...`` added; ``adaptive_weight`` passes through."""
+
+    def __init__(self, forward: Callable, augment_labels: torch.Tensor):
+        self.forward, self.augment_labels = forward, augment_labels
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, augment_labels=self.augment_labels, **kwargs)
+
+    def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return self.forward.adaptive_weight(t)
 
 
 def _parameter_layout(net: ImageNetwork) -> tuple[list[str], dict]:

@@ -38,20 +38,22 @@ OBJECTIVES: dict[str, Callable[..., losses.LossOutput]] = {
 
 
 def micro_batch_loss(cfg: Config, model: Model, x0: torch.Tensor, onehot: Optional[torch.Tensor],
-                     step: int) -> losses.LossOutput:
-    """The loss of one micro-batch (its mean over examples)."""
-    return OBJECTIVES[cfg.method](cfg, model, x0, onehot, step)
+                     step: int, augment_labels: Optional[torch.Tensor] = None) -> losses.LossOutput:
+    """The loss of one micro-batch (its mean over examples); `augment_labels`: what the
+    augmentation did to x0 (EDM's augment label), given to every network call of the objective."""
+    return OBJECTIVES[cfg.method](cfg, model.with_augment_labels(augment_labels), x0, onehot, step)
 
 
-def accumulate_gradients(cfg: Config, model: Model, micro_batches: Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]],
+def accumulate_gradients(cfg: Config, model: Model, micro_batches: Iterable[tuple[Optional[torch.Tensor], ...]],
                          count: int, step: int) -> list[losses.LossOutput]:
-    """Backpropagate `count` micro-batches (an iterable of (x0, one-hot labels), drawn lazily so
-    each is drawn right after its seed) into the parameters' .grad, each loss scaled by 1/count:
-    with DDP/FSDP averaging over processes, .grad is the gradient of the mean over all examples."""
+    """Backpropagate `count` micro-batches (an iterable of (x0, one-hot labels[, augment labels]),
+    drawn lazily so each is drawn right after its seed) into the parameters' .grad, each loss
+    scaled by 1/count: with DDP/FSDP averaging over processes, .grad is the gradient of the mean
+    over all examples."""
     outs = []
-    for k, (x0, onehot) in enumerate(micro_batches):
+    for k, (x0, onehot, *augment_labels) in enumerate(micro_batches):
         with model.sync(last=k == count - 1):
-            out = micro_batch_loss(cfg, model, x0, onehot, step)
+            out = micro_batch_loss(cfg, model, x0, onehot, step, *augment_labels)
             (out.loss if count == 1 else out.loss / count).backward()
         outs.append(out)
     if len(outs) != count:

@@ -203,7 +203,7 @@ def test_edm_block_matches_written_out_reference():
 # ------------------------------------------------------------------ architecture -----------------
 
 def edm_songunet_state(arch, double_norm=False, res=32, img=3, C=128, mult=(2, 2, 2), blocks=4,
-                       attn=(16,), emb_mult=4):
+                       attn=(16,), emb_mult=4, augment_dim=0):
     """Names and shapes of EDM's SongUNet state dict, from the architecture description of the EDM
     paper (App. F.2, Table 7) and Song et al. (2021): the mapping network, then per resolution
     (down block / residual aux conv,) `blocks` blocks; decoder: in0 (attention) + in1 at the lowest
@@ -243,6 +243,8 @@ def edm_songunet_state(arch, double_norm=False, res=32, img=3, C=128, mult=(2, 2
 
     if ncsn:
         out["map_noise.freqs"] = (cn // 2,)
+    if augment_dim:
+        lin("map_augment", augment_dim, cn, bias=False)
     lin("map_layer0", cn, ce)
     lin("map_layer1", ce, ce)
     c, caux, skips = C, img, []
@@ -293,10 +295,12 @@ def cifar10_cfg(arch, edm: bool) -> NetworkConfig:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_layers_match_edm_architecture(arch):
-    """Layer by layer (names and shapes) with the EDM options; the totals are EDM's published sizes
-    (DDPM++ 55.7M, NCSN++ 56.4M); the sCM changes add exactly the scale half of every block's
-    affine layer (AdaDN: emb·C + C per block) and w_φ's 128 weights."""
-    expected = edm_songunet_state(arch)
+    """Layer by layer (names and shapes) with the EDM options (CIFAR-10: the 9-dim augment label input,
+    as EDM trained it); the totals are EDM's published sizes (DDPM++ 55.7M, NCSN++ 56.4M); the sCM
+    changes add exactly the scale half of every block's affine layer (AdaDN: emb·C + C per block) and
+    w_φ's 128 weights."""
+    assert cifar10_cfg(arch, edm=True).augment_dim == 9
+    expected = edm_songunet_state(arch, augment_dim=9)
     with torch.device("meta"):
         net = NETWORKS[arch](cifar10_cfg(arch, edm=True))
     ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -306,7 +310,7 @@ def test_layers_match_edm_architecture(arch):
     assert round(edm_params / 1e6, 1) == {"ddpmpp": 55.7, "ncsnpp": 56.4}[arch]
     assert count_parameters(cifar10_cfg(arch, edm=True)) == edm_params + 128
 
-    scm = edm_songunet_state(arch, double_norm=True)
+    scm = edm_songunet_state(arch, double_norm=True, augment_dim=9)
     n_blocks = sum(1 for k in expected if k.endswith(".affine.bias"))
     assert n_blocks == 33  # 2 down + 12 + 2 (in0, in1) + 2 up + 15
     added = sum(math.prod(s) for k, s in expected.items() if ".affine." in k)  # one more affine's worth
@@ -366,7 +370,7 @@ def test_cifar10_preset_dry_run_reports_ddpmpp(capsys):
     d = json.loads(out)
     assert d["config"]["network"]["arch"] == "ddpmpp"
     assert d["config"]["network"]["adaptive_double_norm"] is True
-    assert d["params"] == _params(edm_songunet_state("ddpmpp", double_norm=True)) + 128  # 60,066,691
+    assert d["params"] == _params(edm_songunet_state("ddpmpp", double_norm=True, augment_dim=9)) + 128  # 60,067,843
 
 
 def test_cifar10_preset_trains_at_a_shrunk_width(tmp_path, capsys):

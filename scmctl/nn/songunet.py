@@ -13,7 +13,7 @@ Both: GroupNorm (min(32, C/4) groups, eps 1e-6), SiLU, dropout, skip connections
 a 1×1 projection on resampling skips, single-head attention at ``attn_resolutions`` (in the decoder
 only in the last block of a level), the standard decoder (GroupNorm, SiLU, 3×3 conv at the end).
 EDM's CIFAR-10 configuration: model_channels 128, channel_mult [2, 2, 2], 4 blocks per resolution,
-attention at 16×16, channel_mult_emb 4, dropout 0.13: 55.7M parameters (DDPM++), 56.0M (NCSN++).
+attention at 16×16, channel_mult_emb 4, dropout 0.13: 55.7M parameters (DDPM++), 56.4M (NCSN++).
 
 The sCM changes (the defaults) and the EDM options (for EDM's snapshots):
 

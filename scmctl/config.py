@@ -54,8 +54,11 @@ class NetworkConfig:
     dropout: float = 0.0
     dropout_max_resolution: int = 0       # dropout only in blocks at resolution <= this; 0 = all
     label_dropout: float = 0.0            # classifier-free guidance training
-    time_embedding: str = "positional"    # positional | fourier
+    time_embedding: str = "positional"    # positional | fourier: c_noise(t) = t; edm: EDM/EDM2's
+                                          # c_noise = ln(σ_d·tan t)/4 with saved Fourier features
     time_embedding_scale: float = 1.0     # frequency multiplier on c_noise(t) = t
+    edm_sigma_data: float = 0.5           # σ_d in EDM's c_noise (time_embedding=edm); = data.sigma_data
+    norm_eps_outside: bool = False        # pixel norm x/(rms + ε) as EDM2 (imported snapshots)
     adaptive_double_norm: bool = True     # y = norm(x)·pnorm(s(t)) + pnorm(b(t)); False = EDM2 gain
     guidance_input: bool = False          # sCD student: guidance scale s embedded like t
     adaptive_weight_channels: int = 128            # adaptive weighting head w_φ(t)
@@ -136,7 +139,7 @@ class Config:
 
 CHOICES = {
     "method": METHODS,
-    "network.time_embedding": ("positional", "fourier"),
+    "network.time_embedding": ("positional", "fourier", "edm"),
     "network.attention_backend": ("auto", "xformers", "sdpa", "math"),
     "network.attention_jvp": ("auto", "chunked", "fused", "math"),
     "train.optimizer": ("adam", "radam"),
@@ -405,6 +408,9 @@ def validate(cfg: Config) -> None:
         raise UsageError("data.latent_std values must be > 0")
     if cfg.data.sigma_data <= 0:
         raise UsageError("config key 'data.sigma_data' must be > 0")
+    if cfg.network.time_embedding == "edm" and abs(cfg.network.edm_sigma_data - cfg.data.sigma_data) > 1e-12:
+        raise UsageError(f"network.edm_sigma_data ({cfg.network.edm_sigma_data}) must equal "
+                         f"data.sigma_data ({cfg.data.sigma_data})")
     if not 0 < cfg.sample.t_mid < 1.5707963:
         raise UsageError(f"config key 'sample.t_mid' must be in (0, π/2), got {cfg.sample.t_mid}")
 

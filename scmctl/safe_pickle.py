@@ -162,7 +162,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     if not all(isinstance(v, int) and v >= 0 for v in ints) or len(size) != len(stride):
         raise RefusedPickle("refusing to rebuild a tensor with a malformed size or stride")
     need = storage_offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if all(size) else 0
-    if need > storage.size():
+    itemsize = torch.empty(0, dtype=storage.dtype).element_size()
+    if need > storage._untyped_storage.nbytes() // itemsize:
         raise RefusedPickle("refusing to rebuild a tensor that reaches past its storage")
     t = torch.empty(0, dtype=storage.dtype)
     return t.set_(storage._untyped_storage, storage_offset, tuple(size), tuple(stride))

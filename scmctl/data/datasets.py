@@ -46,7 +46,6 @@ check.
 from __future__ import annotations
 
 import functools
-import io
 import os
 import pickle
 import posixpath

@@ -238,12 +238,16 @@ def _allowed(torch_tensors: bool, snapshots: bool) -> dict[tuple[str, str], Any]
     return table
 
 
+PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
 class _Unpickler(pickle.Unpickler):
     def __init__(self, f, table: dict, torch_tensors: bool, **kwargs):
         super().__init__(f, **kwargs)
         self._table, self._torch = table, torch_tensors
 
     def find_class(self, module: str, name: str):
+        module = PY2_MODULES.get(module, module)      # protocol <= 2 names (fix_imports)
         obj = self._table.get((module, name))
         if obj is None and self._torch and module == "torch":
             return _torch_dtype(name)

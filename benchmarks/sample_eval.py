@@ -114,7 +114,7 @@ def main() -> None:
     import torch
 
     from scmctl.generation import PngFolder, open_generator
-    from scmctl.nn.unet import build_network
+    from scmctl.nn.networks import build_network
     from scmctl.training import checkpoint as ck
     from scmctl.training.loop import select_device
 

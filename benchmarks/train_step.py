@@ -57,7 +57,7 @@ def child(args) -> dict:
 
     from scmctl import config
     from scmctl.distributed import Dist
-    from scmctl.nn.unet import build_network
+    from scmctl.nn.networks import build_network
     from scmctl.training.loop import build_model, make_optimizer, select_device, training_step
 
     torch.set_num_threads(args.threads)

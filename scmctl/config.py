@@ -22,6 +22,7 @@ import yaml
 from scmctl.errors import UsageError
 
 METHODS = ("diffusion", "sct", "scd")
+NETWORK_ARCHS = ("edm2", "ddpmpp", "ncsnpp")   # scmctl.nn.networks.NETWORKS builds each
 
 
 @dataclass
@@ -41,7 +42,9 @@ class DataConfig:
 
 @dataclass
 class NetworkConfig:
-    """EDM2-style magnitude-preserving U-Net with the sCM changes (SCM_NOTES §3)."""
+    """The network F_θ: `arch` picks the family (edm2: EDM2's magnitude-preserving U-Net; ddpmpp /
+    ncsnpp: EDM's DDPM++ / NCSN++), the other fields configure it, with the sCM changes by default."""
+    arch: str = "edm2"                    # edm2 | ddpmpp | ncsnpp (NETWORK_ARCHS)
     resolution: Optional[int] = None      # image side; None = from the data
     channels: Optional[int] = None        # image channels; None = from the data
     num_classes: Optional[int] = None     # None = from the data (0 = unconditional)
@@ -50,7 +53,7 @@ class NetworkConfig:
     channel_mult_emb: int = 4
     num_blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=lambda: [16])
-    head_channels: int = 64
+    head_channels: int = 64               # edm2; ddpmpp/ncsnpp use one attention head (EDM)
     dropout: float = 0.0
     dropout_max_resolution: int = 0       # dropout only in blocks at resolution <= this; 0 = all
     label_dropout: float = 0.0            # classifier-free guidance training
@@ -61,6 +64,7 @@ class NetworkConfig:
     norm_eps_outside: bool = False        # pixel norm x/(rms + ε) as EDM2 (imported snapshots)
     adaptive_double_norm: bool = True     # y = norm(x)·pnorm(s(t)) + pnorm(b(t)); False = EDM2 gain
     guidance_input: bool = False          # sCD student: guidance scale s embedded like t
+    augment_dim: int = 0                  # augmentation-label input (EDM's pipeline: 9); 0 = none
     adaptive_weight_channels: int = 128            # adaptive weighting head w_φ(t)
     attention_backend: str = "auto"       # auto | xformers | sdpa | math
     attention_jvp: str = "auto"           # auto | chunked | fused | math
@@ -139,6 +143,7 @@ class Config:
 
 CHOICES = {
     "method": METHODS,
+    "network.arch": NETWORK_ARCHS,
     "network.time_embedding": ("positional", "fourier", "edm"),
     "network.attention_backend": ("auto", "xformers", "sdpa", "math"),
     "network.attention_jvp": ("auto", "chunked", "fused", "math"),
@@ -386,6 +391,7 @@ def validate(cfg: Config) -> None:
                          ("sample.solver_steps", cfg.sample.solver_steps, 1),
                          ("network.model_channels", cfg.network.model_channels, 1),
                          ("network.num_blocks", cfg.network.num_blocks, 1),
+                         ("network.augment_dim", cfg.network.augment_dim, 0),
                          ("train.log_every", t.log_every, 1),
                          ("train.batch_per_gpu", t.batch_per_gpu, 0),
                          ("train.check_grads_every", t.check_grads_every, 0),

@@ -543,7 +543,7 @@ def test_parse_seeds_and_seed_sets():
 def checkpoint(tmp_path_factory):
     """A randomly initialized tiny consistency model saved as an scmctl checkpoint (no training)."""
     from scmctl.config import Config
-    from scmctl.nn.unet import build_network
+    from scmctl.nn.networks import build_network
     from scmctl.training import checkpoint as ck
 
     cfg = Config()

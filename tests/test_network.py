@@ -5,7 +5,8 @@ import math
 import torch
 
 from scmctl.losses import consistency_tangent
-from scmctl.nn.unet import UNet, count_parameters
+from scmctl.nn.networks import count_parameters
+from scmctl.nn.unet import UNet
 
 
 def _net(cfg, **kw):

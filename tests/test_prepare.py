@@ -538,7 +538,7 @@ def test_refine_a_latent_model_encodes_crops_and_decodes(latent_set, tiny_vae, t
     """refine on a latent checkpoint = decode(refine(normalize(encode(ADM crop)))), computed here
     with the diffusers model and the sampler directly."""
     from scmctl import config as config_mod
-    from scmctl.nn.unet import build_network
+    from scmctl.nn.networks import build_network
     from scmctl.sampling import refine
     from scmctl.training import checkpoint as ckpt_io
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from scmctl import config
-from scmctl.nn.unet import count_parameters
+from scmctl.nn.networks import count_parameters
 
 # EDM2 parameter counts (millions) quoted by the sCM paper for S..XXL.
 PAPER_PARAMS = {"s": 280.2, "m": 497.8, "l": 777.6, "xl": 1119.4, "xxl": 1523.4}

@@ -54,7 +54,7 @@ def _tiny_config():
 def make_checkpoint(path: Path, seed: int) -> Path:
     """A conditional consistency-model checkpoint with random weights (the output layer starts at
     zero gain in a fresh network, so every parameter is perturbed to make images non-trivial)."""
-    from scmctl.nn.unet import build_network
+    from scmctl.nn.networks import build_network
     from scmctl.training import checkpoint as ck
 
     cfg = _tiny_config()
@@ -105,7 +105,7 @@ def reference_2step(ckpt: Path, seeds, t_mid: float = 1.1):
     float64, from the paper's 2-step formulas (SCM_NOTES §5) and the documented per-seed draws
     (label first, then one noise image per step)."""
     from scmctl.config import from_dict
-    from scmctl.nn.unet import build_network
+    from scmctl.nn.networks import build_network
 
     state = torch.load(ckpt, weights_only=True)
     net = build_network(from_dict(state["config"]).network)

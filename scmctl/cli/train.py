@@ -95,7 +95,7 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
         cfg.network.guidance_input = True
     config_mod.validate(cfg)
 
-    from scmctl.nn.unet import count_parameters
+    from scmctl.nn.networks import count_parameters
 
     params = count_parameters(cfg.network)
     if dry_run:

@@ -1,3 +1,3 @@
-"""Networks: the EDM2-style U-Net with the sCM changes."""
+"""Networks: EDM2's U-Net and EDM's DDPM++/NCSN++ family, with the sCM changes (``network.arch``)."""
 
-from scmctl.nn.unet import UNet, build_network  # noqa: F401
+from scmctl.nn.networks import NETWORKS, build_network, count_parameters  # noqa: F401

@@ -50,19 +50,24 @@ def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-4, eps_outside: bo
     return fwAD.make_dual(y, ty)
 
 
-def mp_silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU scaled to preserve unit magnitude for unit-Gaussian inputs (tangent written out)."""
+def silu(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """gain·SiLU(x), with the tangent gain·σ(x)(1 + x(1 − σ(x)))·tx written out under forward-mode AD."""
     p, tx = fwAD.unpack_dual(x)
     if tx is None:
-        return F.silu(x) / 0.596
-    y = F.silu(p) / 0.596
+        return F.silu(x) if gain == 1.0 else F.silu(x) * gain
+    y = F.silu(p) * gain
     with torch.no_grad():
         sg = torch.sigmoid(p.detach())
-        ty = tx * (sg * (1 + p.detach() * (1 - sg)) / 0.596)
+        ty = tx * (sg * (1 + p.detach() * (1 - sg)) * gain)
     return fwAD.make_dual(y, ty)
 
 
-def _linear(fn, *xs: torch.Tensor) -> torch.Tensor:
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU scaled to preserve unit magnitude for unit-Gaussian inputs (EDM2 Eq. 81)."""
+    return silu(x, 1 / 0.596)
+
+
+def linear_map(fn, *xs: torch.Tensor) -> torch.Tensor:
     """Apply `fn`, linear in its tensor arguments, to primals and (graph-free) tangents apart.
     Under forward-mode AD PyTorch routes scalar mul/div through slow Python decompositions."""
     parts = [fwAD.unpack_dual(x) for x in xs]
@@ -77,7 +82,7 @@ def _linear(fn, *xs: torch.Tensor) -> torch.Tensor:
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving interpolation ((1−t)·a + t·b)/√((1−t)² + t²)."""
     s = math.sqrt((1 - t) ** 2 + t ** 2)
-    return _linear(lambda a, b: a * ((1 - t) / s) + b * (t / s), a, b)
+    return linear_map(lambda a, b: a * ((1 - t) / s) + b * (t / s), a, b)
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
@@ -85,15 +90,15 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     na, nb = a.shape[dim], b.shape[dim]
     c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
     wa, wb = c / math.sqrt(na) * (1 - t), c / math.sqrt(nb) * t
-    return _linear(lambda a, b: torch.cat([a * wa, b * wb], dim=dim), a, b)
+    return linear_map(lambda a, b: torch.cat([a * wa, b * wb], dim=dim), a, b)
 
 
 def resample(x: torch.Tensor, mode: str) -> torch.Tensor:
     """'down': 2×2 box filter; 'up': nearest-neighbour ×2; 'keep': identity."""
     if mode == "down":
-        return _linear(lambda a: F.avg_pool2d(a, 2), x)
+        return linear_map(lambda a: F.avg_pool2d(a, 2), x)
     if mode == "up":
-        return _linear(lambda a: F.interpolate(a, scale_factor=2.0, mode="nearest"), x)
+        return linear_map(lambda a: F.interpolate(a, scale_factor=2.0, mode="nearest"), x)
     return x
 
 

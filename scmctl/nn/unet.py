@@ -28,6 +28,7 @@ from torch import nn
 from scmctl.attention import attention
 from scmctl.config import NetworkConfig
 from scmctl.errors import UsageError
+from scmctl.nn.base import ImageNetwork, class_input, per_sample
 from scmctl.nn.layers import (MPConv, TimeEmbedding, clamp, modulate, mp_cat, mp_silu, mp_sum,
                               pixel_norm, resample)
 
@@ -85,7 +86,7 @@ class Block(nn.Module):
         if self.num_heads:
             n, c, h, w = x.shape
             qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
-            q, k, v = pixel_norm(qkv, dim=2, eps_outside=self.norm_eps_outside).unbind(3)              # cosine attention (EDM2)
+            q, k, v = pixel_norm(qkv, dim=2, eps_outside=self.norm_eps_outside).unbind(3)   # cosine attention (EDM2)
             q, k, v = (a.transpose(-1, -2) for a in (q, k, v))      # (N, heads, HW, head_dim)
             # outside autocast: attention keeps q/k/v's dtype and its own fp32 softmax/JVP accumulators
             with torch.autocast(x.device.type, enabled=False):
@@ -95,7 +96,7 @@ class Block(nn.Module):
         return clamp(x, CLIP_ACT)
 
 
-class UNet(nn.Module):
+class UNet(ImageNetwork):
     """F_θ(x_t/σ_d, t[, labels, guidance]) for square images of side `resolution`."""
 
     def __init__(self, cfg: NetworkConfig):
@@ -118,8 +119,7 @@ class UNet(nn.Module):
         self.emb_guidance = MPConv(cnoise, cemb) if cfg.guidance_input else None
         self.guidance_gain = nn.Parameter(torch.zeros([])) if cfg.guidance_input else None
         self.emb_label = MPConv(ncls, cemb) if ncls else None
-        self.weight_embed = TimeEmbedding(cfg.adaptive_weight_channels, cfg.time_embedding, cfg.time_embedding_scale)
-        self.weight_linear = MPConv(cfg.adaptive_weight_channels, 1)
+        self.init_weight_head(cfg)
 
         def block(cin, cout, flavor, level, mode="keep", attn=False):
             r = res >> level
@@ -161,13 +161,6 @@ class UNet(nn.Module):
         self.out_gain = nn.Parameter(torch.zeros([]))
         self.renormalize_()
 
-    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
-        """The noise conditioning: t (Lu & Song 2025, Sec. 4.1), or EDM's ln(σ)/4 with
-        σ = σ_d·tan t for time_embedding=edm (Karras et al. 2022, Table 1)."""
-        if self.cfg.time_embedding != "edm":
-            return t
-        return torch.log(self.cfg.edm_sigma_data * torch.tan(t.to(torch.promote_types(t.dtype, torch.float32)))) / 4
-
     def embedding(self, t: torch.Tensor, labels: torch.Tensor | None,
                   guidance: torch.Tensor | None) -> torch.Tensor:
         emb = self.emb_noise(self.time_embed(self.c_noise(t)))
@@ -176,12 +169,7 @@ class UNet(nn.Module):
             g = torch.ones_like(t) if guidance is None else guidance.expand_as(t)
             emb = emb + self.emb_guidance(self.time_embed(g), gain=self.guidance_gain)
         if self.emb_label is not None:
-            if labels is None:
-                onehot = torch.zeros(t.shape[0], self.num_classes, device=t.device)
-            elif labels.dtype in (torch.int64, torch.int32):
-                onehot = F.one_hot(labels.long(), self.num_classes).float()
-            else:
-                onehot = labels.float()
+            onehot = class_input(labels, t.shape[0], self.num_classes, t.device)
             # one-hot scaled by √num_classes has unit magnitude; an all-zero row = unconditional
             emb = mp_sum(emb, self.emb_label(onehot * self.num_classes ** 0.5), EMB_BALANCE)
         return mp_silu(emb)
@@ -189,7 +177,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None) -> torch.Tensor:
         """F_θ(x, t): x = x_t/σ_d (N, C, H, W), t (N,) TrigFlow times in [0, π/2]."""
-        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
+        t = per_sample(t, x.shape[0])
         emb = self.embedding(t, labels, guidance).to(x.dtype)
         h = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         h = self.conv_in(h)
@@ -202,27 +190,3 @@ class UNet(nn.Module):
                 h = mp_cat(h, skips.pop(), t=CONCAT_BALANCE)
             h = blk(h, emb)
         return self.conv_out(h, gain=self.out_gain)
-
-    def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """w_φ(t): the adaptive-weighting head, one scalar per sample (float32); the loss is
-        e^{w_φ(t)}/D·‖·‖² − w_φ(t) (EDM2's learned uncertainty with w = −log-variance)."""
-        return self.weight_linear(self.weight_embed(self.c_noise(t.reshape(-1)))).reshape(-1).float()
-
-    @torch.no_grad()
-    def renormalize_(self) -> None:
-        """Forced weight normalization of every MPConv (run after each optimizer step)."""
-        for m in self.modules():
-            if isinstance(m, MPConv):
-                m.renormalize_()
-
-
-def build_network(cfg: NetworkConfig, device: torch.device | str = "cpu") -> UNet:
-    with torch.device(device):
-        return UNet(cfg)
-
-
-def count_parameters(cfg: NetworkConfig) -> int:
-    """Parameter count without allocating memory (the network is built on the meta device)."""
-    with torch.device("meta"):
-        net = UNet(cfg)
-    return sum(p.numel() for p in net.parameters())

@@ -123,7 +123,7 @@ def network_from_checkpoint(ckpt: dict, weights: str = "ema", device: str | torc
     """Build the checkpoint's network (from its saved config) with its EMA (or raw) weights, in
     eval mode without gradients."""
     from scmctl.config import from_dict
-    from scmctl.nn.unet import build_network
+    from scmctl.nn.networks import build_network
 
     cfg = from_dict(ckpt["config"])
     net = build_network(cfg.network, device)

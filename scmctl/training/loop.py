@@ -50,7 +50,8 @@ from scmctl.config import Config, LossConfig
 from scmctl.data.imageio import save_grid
 from scmctl.errors import UsageError
 from scmctl.fileio import write_text_atomic
-from scmctl.nn.unet import UNet, build_network
+from scmctl.nn.networks import build_network
+from scmctl.nn.unet import UNet
 from scmctl.training import checkpoint as ckpt_io
 from scmctl.training.ema import EMA
 
@@ -267,7 +268,7 @@ def shard_network(net: UNet, mesh, forward_methods: Sequence[str] = ("adaptive_w
         for name, p in list(module.named_parameters(recurse=False)):
             if p.ndim == 0:
                 setattr(module, name, torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
-    for blk in (*net.enc, *net.dec):
+    for blk in net.blocks():
         fully_shard(blk, mesh=mesh)
     fully_shard(net, mesh=mesh)
     for m in forward_methods:  # w_φ(t) is called outside forward: it must unshard its parameters too

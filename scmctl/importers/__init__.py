@@ -22,7 +22,7 @@ FORMATS = ("edm2",)
 def import_snapshot(path: str | Path) -> dict:
     """The scmctl checkpoint dict for an EDM/EDM2 snapshot (see the module docstring)."""
     from scmctl import config as config_mod
-    from scmctl.nn.unet import build_network
+    from scmctl.nn.networks import build_network
     from scmctl.training import checkpoint as ckpt_io
 
     p = Path(path)

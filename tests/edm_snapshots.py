@@ -272,7 +272,12 @@ def small_edm2(label_dim=0, img_channels=3, resolution=8, seed=0, **kw) -> Preco
     args = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
                 channels_per_head=8)
     args.update(kw)
-    return Precond(resolution, img_channels, label_dim, **args).double().eval()
+    net = Precond(resolution, img_channels, label_dim, **args).double().eval()
+    with torch.no_grad():                   # trained EDM2 weights have unit RMS per output (Eq. 66)
+        for m in net.modules():
+            if isinstance(m, MPConv):
+                m.weight.copy_(normalize(m.weight, dim=list(range(1, m.weight.ndim))))
+    return net
 
 
 def edm2_snapshot(net: Precond, encoder=None, fp16: bool = True, marker=None, protocol: int = 4) -> bytes:

@@ -143,3 +143,41 @@ def test_import_errors_are_one_line(capsys, tmp_path):
         code, stdout, err = run(capsys, "import", tmp_path / name, "--out", out)
         assert_one_line_error(code, err, name, needle)
         assert stdout == "" and not out.exists() and not marker.exists()
+
+
+def test_two_roads_from_an_imported_teacher(capsys, tmp_path):
+    """Road 2: distill directly, the student keeping EDM's c_noise (with the warning naming the
+    statistics to watch). Road 1: a diffusion fine-tune converts the teacher to c_noise = t with a
+    positional embedding; after one step at lr 1e-12 it holds the teacher's weights, only the Fourier
+    buffers gone."""
+    teacher, _, _, _ = _import(capsys, tmp_path, E.small_edm2(img_channels=1, resolution=16))
+    common = ("--preset", "tiny", "--data", "digits", "--batch", 8, "--set", "train.grid_every=0")
+    rd2 = tmp_path / "direct"
+    code, out, err = run(capsys, "distill", "--teacher", teacher, *common, "--steps", 2, "--run-dir", rd2)
+    assert code == 0, err
+    assert "EDM's time conditioning" in err and "tangent_rms_t0..t3" in err
+    stats = [json.loads(line) for line in (rd2 / "stats.jsonl").read_text().splitlines()]
+    assert len(stats) == 2 and all(math.isfinite(r["loss"]) for r in stats)
+    assert any(k.startswith("tangent_rms_t") for k in stats[-1])
+    student = ckpt_io.load(rd2)
+    assert student["config"]["network"]["time_embedding"] == "edm" and student["kind"] == "consistency"
+
+    rd1 = tmp_path / "converted"
+    code, out, err = run(capsys, "train", "--objective", "diffusion", "--init", teacher, *common,
+                         "--set", "network.time_embedding=positional", "--set", "train.lr=1e-12",
+                         "--steps", 1, "--run-dir", rd1)
+    assert code == 0, err
+    assert "EDM's time conditioning" not in err
+    conv = ckpt_io.load(rd1)
+    assert conv["config"]["network"]["time_embedding"] == "positional"
+    t_state = ckpt_io.load(teacher)["ema"]
+    dropped = sorted(set(t_state) - set(conv["ema"]))
+    assert dropped == ["time_embed.freqs", "time_embed.phases", "weight_embed.freqs", "weight_embed.phases"]
+    rows = lambda w: w / w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.ndim - 1))) if w.ndim > 1 else w
+    for k, v in conv["ema"].items():                 # renormalize_ rescales MPConv rows only
+        torch.testing.assert_close(rows(v), rows(t_state[k]), rtol=1e-5, atol=1e-6)
+    code, out, err = run(capsys, "distill", "--teacher", teacher, "--init", rd1, *common, "--steps", 1,
+                         "--run-dir", tmp_path / "student")
+    assert code == 0, err
+    assert "EDM's time conditioning" not in err
+    assert ckpt_io.load(tmp_path / "student")["config"]["network"]["time_embedding"] == "positional"

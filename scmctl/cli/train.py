@@ -20,6 +20,12 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every",
 # Network fields a student takes from its own config rather than from the checkpoint it starts from.
 OWN_NETWORK_FIELDS = ("dropout", "dropout_max_resolution", "label_dropout", "guidance_input",
                       "attention_backend", "attention_jvp")
+# Network fields a `--set` may change against the checkpoint the run starts from: the architecture
+# change SANA-Sprint/sCM make to a pretrained teacher (EDM's c_noise = ln(σ)/4 with its Fourier
+# features -> c_noise = t, positional; Lu & Song 2025 Sec. 4.1). The embedding's fixed frequency
+# buffers are dropped; every weight is still loaded with its shape checked.
+CONVERTIBLE_NETWORK_FIELDS = ("time_embedding", "time_embedding_scale")
+EMBEDDING_BUFFERS = ("freqs", "phases")
 
 PRESET = typer.Option("tiny", "--preset", help="Preset name (see presets/) or a YAML file.")
 DATA = typer.Option(None, "--data", help="Dataset: image folder, cifar-10-python.tar.gz, .npz/.npy; default: the preset's (tiny: built-in digits).")
@@ -82,7 +88,8 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
     source = init_ckpt or teacher_ckpt
     if source is not None:  # the network must match the weights it starts from
         net_cfg = config_mod.from_dict({"network": source["config"]["network"]}).network
-        for f in OWN_NETWORK_FIELDS:
+        explicit = {o.split("=", 1)[0].strip() for o in overrides}
+        for f in OWN_NETWORK_FIELDS + tuple(f for f in CONVERTIBLE_NETWORK_FIELDS if f"network.{f}" in explicit):
             setattr(net_cfg, f, getattr(cfg.network, f))
         cfg.network = net_cfg
         if abs(source["config"]["data"]["sigma_data"] - cfg.data.sigma_data) > 1e-12:
@@ -115,6 +122,8 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
     if teacher_ckpt is not None:
         teacher_net = _network_from(teacher_ckpt)
     init_state = (init_ckpt or teacher_ckpt or {}).get("ema")
+    if init_state is not None:
+        init_state = _convertible_state(init_state, cfg.network, source["config"]["network"])
     # Under torchrun: one process group for the run; only rank 0 prints, writes and reports.
     dist = distributed.init(cfg.train.device) if distributed.launched() else None
     main = dist is None or dist.is_main
@@ -122,6 +131,14 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
         if main:
             net = cfg.network
             procs = f", {dist.world} processes" if dist is not None else ""
+            if method != "diffusion" and cfg.network.time_embedding == "edm":
+                console.print(f"[yellow]warning:[/yellow] the student keeps EDM's time conditioning "
+                              f"c_noise = ln(σ_d·tan t)/4 (network.time_embedding=edm): its derivative 1/(2 sin 2t) "
+                              "diverges at both ends of [0, π/2], which makes continuous-time consistency "
+                              "training unstable (Lu & Song 2025, Sec. 4.1). Watch tangent_rms_t0..t3 (the "
+                              f"per-t-bin tangent RMS) in {run_dir}/stats.jsonl: a bin that keeps growing "
+                              "announces divergence. The stable road: scmctl train --objective diffusion "
+                              "--init TEACHER --set network.time_embedding=positional, then distill with --init.")
             console.print(f"[bold]{method}[/bold] on {dataset.source}: {len(dataset)} examples "
                           f"{(net.channels, net.resolution, net.resolution)}, {params:,} parameters"
                           f"{procs}, run directory {run_dir}")
@@ -144,6 +161,17 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
         if summary.get("grid"):
             print(f"sample grid: {summary['grid']}")
         print(f"checkpoint: {summary['checkpoint']}")
+
+
+def _convertible_state(state: dict, net_cfg, source_net: dict) -> dict:
+    """The weights to start from: with the time embedding converted (CONVERTIBLE_NETWORK_FIELDS),
+    the old embedding's fixed frequency buffers, which the new network does not have, are left out."""
+    if all(source_net.get(f) == getattr(net_cfg, f) for f in CONVERTIBLE_NETWORK_FIELDS):
+        return state
+    from scmctl.nn.networks import build_network
+
+    own = build_network(net_cfg, "meta").state_dict()
+    return {k: v for k, v in state.items() if k in own or k.rsplit(".", 1)[-1] not in EMBEDDING_BUFFERS}
 
 
 def _load_ckpt(path: str) -> dict:

@@ -295,17 +295,205 @@ def edm2_snapshot(net: Precond, encoder=None, fp16: bool = True, marker=None, pr
     return dump(data, protocol)
 
 
-def rounded_like_snapshot(net: Precond, fp16: bool = True) -> Precond:
-    """The reference network with the weights the snapshot stores (fp16-rounded), in float64."""
+def rounded_like_snapshot(net: nn.Module, fp16: bool = True) -> nn.Module:
+    """The reference network with the weights the snapshot stores (rounded to fp16 or fp32), in
+    float64."""
     import copy
 
     out = copy.deepcopy(net)
-    if fp16:
-        with torch.no_grad():
-            for t in list(out.parameters()) + list(out.buffers()):
-                t.copy_(t.half().double())
+    with torch.no_grad():
+        for t in list(out.parameters()) + list(out.buffers()):
+            t.copy_(t.to(torch.float16 if fp16 else torch.float32).double())
     return out.double()
 
 
 def odict(**kw):
     return OrderedDict(**kw)
+
+
+# --- EDM's DDPM++ (SongUNet with EDMPrecond), float64 reference (Karras et al. 2022, App. F.2) -----
+
+class Linear(Persistent, nn.Module):
+    def __init__(self, cin, cout, bias=True):
+        super().__init__()
+        self.in_features = cin
+        self.weight = nn.Parameter(torch.randn(cout, cin) / math.sqrt(cin))
+        self.bias = nn.Parameter(torch.randn(cout) * 0.1) if bias else None
+
+    def forward(self, x):
+        y = x @ self.weight.t()
+        return y + self.bias if self.bias is not None else y
+
+
+class Conv2d(Persistent, nn.Module):
+    """k×k convolution (k = 0: none) after a ×2 box-filter down- or nearest upsampling ([1, 1])."""
+
+    def __init__(self, cin, cout, kernel, up=False, down=False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.up, self.down = cin, cout, up, down
+        self.weight = nn.Parameter(torch.randn(cout, cin, kernel, kernel) / math.sqrt(cin * kernel ** 2)) if kernel else None
+        self.bias = nn.Parameter(torch.randn(cout) * 0.1) if kernel else None
+        self.register_buffer("resample_filter", torch.full((1, 1, 2, 2), 0.25) if up or down else None)
+
+    def forward(self, x):
+        if self.up:
+            x = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        if self.down:
+            x = torch.nn.functional.avg_pool2d(x, 2)
+        if self.weight is not None:
+            x = torch.nn.functional.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
+            x = x + self.bias.reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(Persistent, nn.Module):
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.groups, self.eps = min(32, c // 4), eps
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(c))
+        self.bias = nn.Parameter(0.1 * torch.randn(c))
+
+    def forward(self, x):
+        g = x.reshape(x.shape[0], self.groups, -1)
+        g = (g - g.mean(2, keepdim=True)) / torch.sqrt(g.var(2, unbiased=False, keepdim=True) + self.eps)
+        return g.reshape(x.shape) * self.weight.reshape(1, -1, 1, 1) + self.bias.reshape(1, -1, 1, 1)
+
+
+class UNetBlock(Persistent, nn.Module):
+    def __init__(self, cin, cout, cemb, up=False, down=False, attention=False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.attention = cin, cout, attention
+        self.norm0 = GroupNorm(cin)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+        self.affine = Linear(cemb, cout)
+        self.norm1 = GroupNorm(cout)
+        self.conv1 = Conv2d(cout, cout, 3)
+        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if cin != cout or up or down else None
+        if attention:
+            self.norm2 = GroupNorm(cout)
+            self.qkv = Conv2d(cout, cout * 3, 1)
+            self.proj = Conv2d(cout, cout, 1)
+
+    def forward(self, x, emb):
+        silu = torch.nn.functional.silu
+        y = self.conv0(silu(self.norm0(x)))
+        y = silu(self.norm1(y + self.affine(emb)[:, :, None, None]))
+        y = self.conv1(y)
+        x = (y + (self.skip(x) if self.skip is not None else x)) / math.sqrt(2)
+        if self.attention:
+            n, c, h, w = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, h * w).unbind(2)
+            a = torch.softmax(torch.einsum("ncq,nck->nqk", q, k) / math.sqrt(c), dim=2)
+            x = (self.proj(torch.einsum("nqk,nck->ncq", a, v).reshape(n, c, h, w)) + x) / math.sqrt(2)
+        return x
+
+
+class SongUNet(Persistent, nn.Module):
+    """DDPM++: positional embedding (endpoint included, [sin, cos]), standard encoder/decoder."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels,
+                 channel_mult, num_blocks, attn_resolutions, channel_mult_emb=4):
+        super().__init__()
+        cemb, cnoise = model_channels * channel_mult_emb, model_channels
+        self.cnoise = cnoise
+        self.map_label = Linear(label_dim, cnoise) if label_dim else None
+        self.map_augment = Linear(augment_dim, cnoise, bias=False) if augment_dim else None
+        self.map_layer0 = Linear(cnoise, cemb)
+        self.map_layer1 = Linear(cemb, cemb)
+        self.enc = nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels, 3)
+                cout = model_channels
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, cemb, down=True)
+            for i in range(num_blocks):
+                self.enc[f"{res}x{res}_block{i}"] = UNetBlock(cout, model_channels * mult, cemb,
+                                                              attention=res in attn_resolutions)
+                cout = model_channels * mult
+        skips = [m.out_channels for m in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, cemb, attention=True)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, cemb)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, cemb, up=True)
+            for i in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                self.dec[f"{res}x{res}_block{i}"] = UNetBlock(
+                    cin, cout, cemb, attention=i == num_blocks and res in attn_resolutions)
+            if level == 0:
+                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout)
+                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3)
+
+    def forward(self, x, c_noise, labels, augment_labels=None):
+        half = self.cnoise // 2
+        freqs = (1 / 10000) ** (torch.arange(half, dtype=torch.float64) / (half - 1))
+        a = c_noise.double()[:, None] * freqs
+        emb = torch.cat([a.sin(), a.cos()], dim=1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(labels * math.sqrt(labels.shape[1]))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        silu = torch.nn.functional.silu
+        emb = silu(self.map_layer1(silu(self.map_layer0(emb))))
+        skips = []
+        for name, m in self.enc.items():
+            x = m(x) if name.endswith("_conv") else m(x, emb)
+            skips.append(x)
+        out = None
+        for name, m in self.dec.items():
+            if name.endswith("_aux_norm"):
+                out = m(x)
+            elif name.endswith("_aux_conv"):
+                out = m(silu(out))
+            else:
+                if x.shape[1] != m.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = m(x, emb)
+        return out
+
+
+class EDMPrecond(Persistent, nn.Module):
+    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, **model_kwargs):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.sigma_data, self.sigma_min, self.sigma_max, self.use_fp16 = sigma_data, 0.0, float("inf"), False
+        self.model = SongUNet(img_resolution, img_channels, img_channels, label_dim, **model_kwargs)
+        self.model._init_kwargs = EasyDict(img_resolution=img_resolution, in_channels=img_channels,
+                                           out_channels=img_channels, label_dim=label_dim,
+                                           embedding_type="positional", encoder_type="standard",
+                                           decoder_type="standard", channel_mult_noise=1,
+                                           resample_filter=[1, 1], dropout=0.13, **model_kwargs)
+
+    def forward(self, x, sigma, labels=None, augment_labels=None):
+        """D(x_σ; σ) in float64 (EDM Table 1, EDMPrecond)."""
+        x, s = x.double(), sigma.double().reshape(-1, 1, 1, 1)
+        sd = self.sigma_data
+        if self.label_dim and labels is None:
+            labels = torch.zeros(x.shape[0], self.label_dim, dtype=torch.float64)
+        F = self.model(x / (sd ** 2 + s ** 2).sqrt(), s.flatten().log() / 4, labels, augment_labels)
+        return sd ** 2 / (s ** 2 + sd ** 2) * x + s * sd / (s ** 2 + sd ** 2).sqrt() * F
+
+
+def small_edm(label_dim=0, img_channels=3, resolution=8, seed=0, **kw) -> EDMPrecond:
+    torch.manual_seed(seed)
+    args = dict(augment_dim=9, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    args.update(kw)
+    return EDMPrecond(resolution, img_channels, label_dim, **args).double().eval()
+
+
+def edm_snapshot(net: EDMPrecond, marker=None, protocol: int = 4) -> bytes:
+    """Pickle `net` as EDM's training loop does: dict(ema, loss_fn, augment_pipe, dataset_kwargs)."""
+    import copy
+
+    src = marker_source(marker) if marker is not None else "pass\n"
+    for cls in (Linear, Conv2d, GroupNorm, UNetBlock, SongUNet, EDMPrecond):
+        cls.module_src = src
+    data = dict(ema=copy.deepcopy(net).float(), loss_fn=None, augment_pipe=None,
+                dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip"))
+    return dump(data, protocol)

@@ -86,6 +86,37 @@ def test_edm2_import_equals_the_snapshot_network(capsys, tmp_path, label_dim, ch
     assert marker.exists()
 
 
+@pytest.mark.parametrize("label_dim", [0, 3])
+def test_edm_ddpmpp_import_equals_the_snapshot_network(capsys, tmp_path, label_dim):
+    """EDM's EDMPrecond + SongUNet (DDPM++, with the augmentation-label input) as TrigFlow."""
+    ref = E.small_edm(label_dim=label_dim)
+    marker = tmp_path / "ran"
+    snap = tmp_path / "edm.pkl"
+    snap.write_bytes(E.edm_snapshot(ref, marker=marker))
+    out = tmp_path / "edm.pt"
+    code, stdout, err = run(capsys, "import", snap, "--out", out, "--json")
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["format"] == "edm" and info["class"] == "EDMPrecond" and not marker.exists()
+    ckpt = ckpt_io.load(out)
+    assert ckpt["config"]["network"]["arch"] == "ddpmpp" and ckpt["config"]["network"]["augment_dim"] == 9
+    net = ckpt_io.network_from_checkpoint(ckpt)
+    snap_net = E.rounded_like_snapshot(ref, fp16=False)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(len(SIGMAS), 3, 8, 8, generator=g, dtype=torch.float64) * SD
+    x_sigma = x + SIGMAS.reshape(-1, 1, 1, 1) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    labels = [None] + ([torch.nn.functional.one_hot(torch.arange(5) % label_dim, label_dim).double()]
+                       if label_dim else [])
+    for lab in labels:
+        D_ref = snap_net(x_sigma, SIGMAS, lab)              # augment labels: none, as at sampling
+        with torch.no_grad():
+            D, _ = _trigflow_denoiser(net, x_sigma.float(), SIGMAS, None if lab is None else lab.float())
+        rel = ((D - D_ref).abs().amax(dim=(1, 2, 3)) / D_ref.abs().amax(dim=(1, 2, 3))).max().item()
+        assert rel <= 1e-5, rel
+    E.plain_load(snap.read_bytes())
+    assert marker.exists()
+
+
 def test_imported_teacher_solves_the_snapshot_ode(capsys, tmp_path):
     """scmctl's solvers (t-space, on the imported checkpoint) converge to the end point of EDM's
     probability-flow ODE dx_σ/dσ = (x_σ − D(x_σ; σ))/σ of the snapshot network, solved in σ-space
@@ -132,11 +163,13 @@ def test_import_errors_are_one_line(capsys, tmp_path):
         "payload.pkl": (pickle.dumps({"ema": Payload(open, str(marker), "w")}), "refusing to load io.open"),
     }
     other = E.small_edm2()
-    E.Precond.__name__ = "VEPrecond"                      # a persistent class scmctl does not know
-    try:
-        cases["unknown.pkl"] = (E.edm2_snapshot(other, marker=marker), "unknown network class 'VEPrecond'")
-    finally:
-        E.Precond.__name__ = "Precond"
+    for cls_name, needle in (("MysteryPrecond", "unknown network class 'MysteryPrecond'"),
+                             ("VEPrecond", "VEPrecond snapshots are not supported")):
+        E.Precond.__name__ = cls_name                     # a persistent class scmctl does not map
+        try:
+            cases[f"{cls_name}.pkl"] = (E.edm2_snapshot(other, marker=marker), needle)
+        finally:
+            E.Precond.__name__ = "Precond"
     for name, (blob, needle) in cases.items():
         if blob is not None:
             (tmp_path / name).write_bytes(blob)

@@ -13,10 +13,10 @@ from scmctl.errors import UsageError
 
 @app.command("import")
 def import_cmd(snapshot: Path = typer.Argument(..., metavar="SNAPSHOT.pkl",
-                                               help="EDM2 network-snapshot-*.pkl or post-hoc reconstruction."),
+                                               help="EDM or EDM2 network-snapshot-*.pkl (or an EDM2 post-hoc reconstruction)."),
                out: Path = typer.Option(..., "--out", help="The scmctl checkpoint to write (e.g. teacher.pt)."),
                json_out: bool = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")) -> None:
-    """Convert an EDM2 snapshot into a diffusion checkpoint for sample/eval/refine/distill --teacher."""
+    """Convert an EDM/EDM2 snapshot into a diffusion checkpoint for sample/eval/refine/distill --teacher."""
     from scmctl.importers import import_snapshot
     from scmctl.training.checkpoint import save_atomic
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from scmctl.errors import UsageError
 from scmctl.fileio import sha256_file
-from scmctl.importers import edm2, snapshot
-
-FORMATS = ("edm2",)
+from scmctl.importers import edm, edm2, snapshot
 
 
 def import_snapshot(path: str | Path) -> dict:
     """The scmctl checkpoint dict for an EDM/EDM2 snapshot (see the module docstring)."""
+    import torch
+
     from scmctl import config as config_mod
     from scmctl.nn.networks import build_network
     from scmctl.training import checkpoint as ckpt_io
@@ -31,12 +31,16 @@ def import_snapshot(path: str | Path) -> dict:
     top = snapshot.read(p)
     net = top["ema"]
     if edm2.is_edm2(net):
-        fmt, cfg, state = "edm2", edm2.config(top, net), edm2.state_dict(net)
+        fmt, cfg = "edm2", edm2.config(top, net)
+    elif edm.is_edm(net):
+        fmt, cfg = "edm", edm.config(top, net)
     else:
         raise UsageError(f"{p}: unknown network class '{net.class_name}' (supported: EDM2 Precond "
-                         "with its UNet)")
+                         "with its UNet, EDM EDMPrecond with SongUNet DDPM++/NCSN++)")
     config_mod.validate(cfg)
+    torch.manual_seed(0)                      # layers the snapshot lacks (EDM: w_φ) start seeded
     model = build_network(cfg.network)
+    state = edm2.state_dict(net) if fmt == "edm2" else edm.state_dict(net, model.state_dict())
     ckpt_io.load_state(model, state, f"{p} ({fmt} {net.class_name})")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     enc = top.get("encoder")

@@ -19,28 +19,17 @@ from scmctl.importers import edm, edm2, snapshot
 
 def import_snapshot(path: str | Path) -> dict:
     """The scmctl checkpoint dict for an EDM/EDM2 snapshot (see the module docstring)."""
-    import torch
-
-    from scmctl import config as config_mod
-    from scmctl.nn.networks import build_network
     from scmctl.training import checkpoint as ckpt_io
 
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{p}: no such file")
     top = snapshot.read(p)
+    try:
+        fmt, cfg, model, state = _convert(top)
+    except UsageError as e:
+        raise UsageError(f"{p}: {e}") from None
     net = top["ema"]
-    if edm2.is_edm2(net):
-        fmt, cfg = "edm2", edm2.config(top, net)
-    elif edm.is_edm(net):
-        fmt, cfg = "edm", edm.config(top, net)
-    else:
-        raise UsageError(f"{p}: unknown network class '{net.class_name}' (supported: EDM2 Precond "
-                         "with its UNet, EDM EDMPrecond with SongUNet DDPM++/NCSN++)")
-    config_mod.validate(cfg)
-    torch.manual_seed(0)                      # layers the snapshot lacks (EDM: w_φ) start seeded
-    model = build_network(cfg.network)
-    state = edm2.state_dict(net) if fmt == "edm2" else edm.state_dict(net, model.state_dict())
     ckpt_io.load_state(model, state, f"{p} ({fmt} {net.class_name})")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     enc = top.get("encoder")
@@ -52,6 +41,28 @@ def import_snapshot(path: str | Path) -> dict:
                    "module_sha256": sorted(_module_hashes(top)),
                    "numel": sum(v.numel() for v in state.values())},
     }
+
+
+def _convert(top: dict):
+    """(format, config, scmctl network, mapped state dict) for the snapshot's EMA network."""
+    import torch
+
+    from scmctl import config as config_mod
+    from scmctl.nn.networks import build_network
+
+    net = top["ema"]
+    if edm2.is_edm2(net):
+        fmt, cfg = "edm2", edm2.config(top, net)
+    elif edm.is_edm(net):
+        fmt, cfg = "edm", edm.config(top, net)
+    else:
+        raise UsageError(f"unknown network class '{net.class_name}' (supported: EDM2 Precond "
+                         "with its UNet, EDM EDMPrecond with SongUNet DDPM++/NCSN++)")
+    config_mod.validate(cfg)
+    torch.manual_seed(0)                      # layers the snapshot lacks (EDM: w_φ) start seeded
+    model = build_network(cfg.network)
+    state = edm2.state_dict(net) if fmt == "edm2" else edm.state_dict(net, model.state_dict())
+    return fmt, cfg, model, state
 
 
 def _module_hashes(obj, seen=None) -> set[str]:

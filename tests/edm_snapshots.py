@@ -326,23 +326,34 @@ class Linear(Persistent, nn.Module):
 
 
 class Conv2d(Persistent, nn.Module):
-    """k×k convolution (k = 0: none) after a ×2 box-filter down- or nearest upsampling ([1, 1])."""
+    """k×k convolution (k = 0: none) after a ×2 FIR up-/downsampling by f⊗f/(Σf)² (upsampling: a
+    stride-2 transposed convolution by 4·f⊗f); `fused`: convolve first, then filter with stride 2."""
 
-    def __init__(self, cin, cout, kernel, up=False, down=False):
+    def __init__(self, cin, cout, kernel, up=False, down=False, fir=(1, 1), fused=False):
         super().__init__()
-        self.in_channels, self.out_channels, self.up, self.down = cin, cout, up, down
+        self.in_channels, self.out_channels, self.up, self.down, self.fused = cin, cout, up, down, fused
         self.weight = nn.Parameter(torch.randn(cout, cin, kernel, kernel) / math.sqrt(cin * kernel ** 2)) if kernel else None
         self.bias = nn.Parameter(torch.randn(cout) * 0.1) if kernel else None
-        self.register_buffer("resample_filter", torch.full((1, 1, 2, 2), 0.25) if up or down else None)
+        f = torch.tensor(fir, dtype=torch.float64)
+        self.register_buffer("resample_filter", (torch.outer(f, f) / f.sum() ** 2)[None, None] if up or down else None)
 
     def forward(self, x):
+        w = self.weight
+        pad = w.shape[-1] // 2 if w is not None else 0
+        if self.up or self.down:
+            f = self.resample_filter.double()
+            fp = (f.shape[-1] - 1) // 2
+        if self.fused:
+            x = torch.nn.functional.conv2d(x, w, padding=pad + fp)
+            x = torch.nn.functional.conv2d(x, f.repeat(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2)
+            return x + self.bias.reshape(1, -1, 1, 1)
         if self.up:
-            x = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+            x = torch.nn.functional.conv_transpose2d(x, 4 * f.repeat(x.shape[1], 1, 1, 1), groups=x.shape[1],
+                                                     stride=2, padding=fp)
         if self.down:
-            x = torch.nn.functional.avg_pool2d(x, 2)
-        if self.weight is not None:
-            x = torch.nn.functional.conv2d(x, self.weight, padding=self.weight.shape[-1] // 2)
-            x = x + self.bias.reshape(1, -1, 1, 1)
+            x = torch.nn.functional.conv2d(x, f.repeat(x.shape[1], 1, 1, 1), groups=x.shape[1], stride=2, padding=fp)
+        if w is not None:
+            x = torch.nn.functional.conv2d(x, w, padding=pad) + self.bias.reshape(1, -1, 1, 1)
         return x
 
 
@@ -359,16 +370,22 @@ class GroupNorm(Persistent, nn.Module):
         return g.reshape(x.shape) * self.weight.reshape(1, -1, 1, 1) + self.bias.reshape(1, -1, 1, 1)
 
 
+class FourierEmbedding(Persistent, nn.Module):
+    def __init__(self, c, scale=16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(c // 2) * scale)
+
+
 class UNetBlock(Persistent, nn.Module):
-    def __init__(self, cin, cout, cemb, up=False, down=False, attention=False):
+    def __init__(self, cin, cout, cemb, up=False, down=False, attention=False, fir=(1, 1)):
         super().__init__()
         self.in_channels, self.out_channels, self.attention = cin, cout, attention
         self.norm0 = GroupNorm(cin)
-        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down, fir=fir)
         self.affine = Linear(cemb, cout)
         self.norm1 = GroupNorm(cout)
         self.conv1 = Conv2d(cout, cout, 3)
-        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if cin != cout or up or down else None
+        self.skip = Conv2d(cin, cout, 1, up=up, down=down, fir=fir) if cin != cout or up or down else None
         if attention:
             self.norm2 = GroupNorm(cout)
             self.qkv = Conv2d(cout, cout * 3, 1)
@@ -389,31 +406,40 @@ class UNetBlock(Persistent, nn.Module):
 
 
 class SongUNet(Persistent, nn.Module):
-    """DDPM++: positional embedding (endpoint included, [sin, cos]), standard encoder/decoder."""
+    """DDPM++: positional embedding of c_noise (endpoint included, [sin, cos]), standard encoder,
+    box filter. NCSN++ (ncsnpp=True): Fourier features [sin, cos](2π·f·c_noise), f ~ N(0, 16²),
+    2C noise channels, a residual encoder (an FIR-downsampled conv path added to the skips, /√2)
+    and the [1, 3, 3, 1] filter. Both: the standard decoder."""
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels,
-                 channel_mult, num_blocks, attn_resolutions, channel_mult_emb=4):
+                 channel_mult, num_blocks, attn_resolutions, channel_mult_emb=4, ncsnpp=False):
         super().__init__()
-        cemb, cnoise = model_channels * channel_mult_emb, model_channels
-        self.cnoise = cnoise
+        cemb, cnoise = model_channels * channel_mult_emb, model_channels * (2 if ncsnpp else 1)
+        self.cnoise, self.ncsnpp = cnoise, ncsnpp
+        fir = (1, 3, 3, 1) if ncsnpp else (1, 1)
+        if ncsnpp:
+            self.map_noise = FourierEmbedding(cnoise)
         self.map_label = Linear(label_dim, cnoise) if label_dim else None
         self.map_augment = Linear(augment_dim, cnoise, bias=False) if augment_dim else None
         self.map_layer0 = Linear(cnoise, cemb)
         self.map_layer1 = Linear(cemb, cemb)
         self.enc = nn.ModuleDict()
-        cout = in_channels
+        cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = Conv2d(cout, model_channels, 3)
                 cout = model_channels
             else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, cemb, down=True)
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, cemb, down=True, fir=fir)
+                if ncsnpp:
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, 3, down=True, fir=fir, fused=True)
+                    caux = cout
             for i in range(num_blocks):
                 self.enc[f"{res}x{res}_block{i}"] = UNetBlock(cout, model_channels * mult, cemb,
-                                                              attention=res in attn_resolutions)
+                                                              attention=res in attn_resolutions, fir=fir)
                 cout = model_channels * mult
-        skips = [m.out_channels for m in self.enc.values()]
+        skips = [m.out_channels for name, m in self.enc.items() if "aux" not in name]
         self.dec = nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
@@ -421,18 +447,21 @@ class SongUNet(Persistent, nn.Module):
                 self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, cemb, attention=True)
                 self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, cemb)
             else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, cemb, up=True)
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, cemb, up=True, fir=fir)
             for i in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 self.dec[f"{res}x{res}_block{i}"] = UNetBlock(
-                    cin, cout, cemb, attention=i == num_blocks and res in attn_resolutions)
+                    cin, cout, cemb, attention=i == num_blocks and res in attn_resolutions, fir=fir)
             if level == 0:
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(cout)
                 self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, 3)
 
     def forward(self, x, c_noise, labels, augment_labels=None):
         half = self.cnoise // 2
-        freqs = (1 / 10000) ** (torch.arange(half, dtype=torch.float64) / (half - 1))
+        if self.ncsnpp:
+            freqs = 2 * math.pi * self.map_noise.freqs.double()
+        else:
+            freqs = (1 / 10000) ** (torch.arange(half, dtype=torch.float64) / (half - 1))
         a = c_noise.double()[:, None] * freqs
         emb = torch.cat([a.sin(), a.cos()], dim=1)
         if self.map_label is not None:
@@ -441,8 +470,11 @@ class SongUNet(Persistent, nn.Module):
             emb = emb + self.map_augment(augment_labels)
         silu = torch.nn.functional.silu
         emb = silu(self.map_layer1(silu(self.map_layer0(emb))))
-        skips = []
+        skips, aux = [], x
         for name, m in self.enc.items():
+            if name.endswith("_aux_residual"):
+                x = skips[-1] = aux = (x + m(aux)) / math.sqrt(2)
+                continue
             x = m(x) if name.endswith("_conv") else m(x, emb)
             skips.append(x)
         out = None
@@ -463,12 +495,15 @@ class EDMPrecond(Persistent, nn.Module):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.sigma_data, self.sigma_min, self.sigma_max, self.use_fp16 = sigma_data, 0.0, float("inf"), False
-        self.model = SongUNet(img_resolution, img_channels, img_channels, label_dim, **model_kwargs)
+        ncsnpp = model_kwargs.pop("ncsnpp", False)
+        self.model = SongUNet(img_resolution, img_channels, img_channels, label_dim, ncsnpp=ncsnpp, **model_kwargs)
+        family = (dict(embedding_type="fourier", encoder_type="residual", channel_mult_noise=2,
+                       resample_filter=[1, 3, 3, 1]) if ncsnpp else
+                  dict(embedding_type="positional", encoder_type="standard", channel_mult_noise=1,
+                       resample_filter=[1, 1]))
         self.model._init_kwargs = EasyDict(img_resolution=img_resolution, in_channels=img_channels,
                                            out_channels=img_channels, label_dim=label_dim,
-                                           embedding_type="positional", encoder_type="standard",
-                                           decoder_type="standard", channel_mult_noise=1,
-                                           resample_filter=[1, 1], dropout=0.13, **model_kwargs)
+                                           decoder_type="standard", dropout=0.13, **family, **model_kwargs)
 
     def forward(self, x, sigma, labels=None, augment_labels=None):
         """D(x_σ; σ) in float64 (EDM Table 1, EDMPrecond)."""
@@ -492,7 +527,7 @@ def edm_snapshot(net: EDMPrecond, marker=None, protocol: int = 4) -> bytes:
     import copy
 
     src = marker_source(marker) if marker is not None else "pass\n"
-    for cls in (Linear, Conv2d, GroupNorm, UNetBlock, SongUNet, EDMPrecond):
+    for cls in (Linear, Conv2d, GroupNorm, FourierEmbedding, UNetBlock, SongUNet, EDMPrecond):
         cls.module_src = src
     data = dict(ema=copy.deepcopy(net).float(), loss_fn=None, augment_pipe=None,
                 dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path="cifar10.zip"))

@@ -477,17 +477,12 @@ class SongUNet(Persistent, nn.Module):
                 continue
             x = m(x) if name.endswith("_conv") else m(x, emb)
             skips.append(x)
-        out = None
-        for name, m in self.dec.items():
-            if name.endswith("_aux_norm"):
-                out = m(x)
-            elif name.endswith("_aux_conv"):
-                out = m(silu(out))
-            else:
-                if x.shape[1] != m.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = m(x, emb)
-        return out
+        for m in (m for name, m in self.dec.items() if "_aux_" not in name):
+            if x.shape[1] != m.in_channels:               # a block that takes a skip connection
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = m(x, emb)
+        res = x.shape[-1]                                  # the standard decoder's output layers
+        return self.dec[f"{res}x{res}_aux_conv"](silu(self.dec[f"{res}x{res}_aux_norm"](x)))
 
 
 class EDMPrecond(Persistent, nn.Module):

@@ -38,6 +38,9 @@ class DataConfig:
     encoder: Optional[str] = None         # e.g. stabilityai/sd-vae-ft-mse (HF id or local folder)
     latent_mean: list[float] = field(default_factory=list)
     latent_std: list[float] = field(default_factory=list)
+    # Pixel range the VAE sees: signed = [-1, 1] (diffusers' convention, sCM); unit = [0, 1] (EDM2's
+    # StabilityVAEEncoder: its latent models were trained on latents of [0, 1] images).
+    vae_pixel_range: str = "signed"
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Config:
 CHOICES = {
     "method": METHODS,
     "network.arch": NETWORK_ARCHS,
+    "data.vae_pixel_range": ("signed", "unit"),
     "network.time_embedding": ("positional", "fourier", "edm"),
     "network.attention_backend": ("auto", "xformers", "sdpa", "math"),
     "network.attention_jvp": ("auto", "chunked", "fused", "math"),

@@ -221,3 +221,26 @@ def test_two_roads_from_an_imported_teacher(capsys, tmp_path):
     assert code == 0, err
     assert "EDM's time conditioning" not in err
     assert ckpt_io.load(tmp_path / "student")["config"]["network"]["time_embedding"] == "positional"
+
+
+def test_a_latent_teacher_refuses_data_in_another_model_space(capsys, tmp_path):
+    """An imported EDM2 latent teacher (SD-VAE latents of [0, 1] pixels, EDM2's normalization) is not
+    distilled on latents prepared scmctl's default way: one line naming the matching options."""
+    from scmctl.cli.train import _check_teacher_data
+    from scmctl.config import Config
+    from scmctl.data.latents import SD_VAE, SD_VAE_LATENT_MEAN, SD_VAE_LATENT_STD
+    from scmctl.errors import UsageError
+
+    enc = E.VAEEncoder([5.81, 3.25, 0.12, -2.15], [4.17, 4.62, 3.71, 3.28])
+    teacher, _, _, _ = _import(capsys, tmp_path, E.small_edm2(img_channels=4, resolution=16), encoder=enc)
+    ckpt = ckpt_io.load(teacher)
+    assert ckpt["config"]["data"]["vae_pixel_range"] == "unit"
+    cfg = Config()                                      # what `scmctl data latents` defaults give
+    cfg.data.encoder, cfg.data.latent_mean, cfg.data.latent_std = SD_VAE, list(SD_VAE_LATENT_MEAN), list(SD_VAE_LATENT_STD)
+    with pytest.raises(UsageError, match=r"data.latent_mean=.*--latent-mean 5.81.*--vae-pixel-range unit"):
+        _check_teacher_data(cfg, ckpt)
+    cfg.data.latent_mean, cfg.data.latent_std = ckpt["config"]["data"]["latent_mean"], ckpt["config"]["data"]["latent_std"]
+    with pytest.raises(UsageError, match="data.vae_pixel_range='unit', the data gives 'signed'"):
+        _check_teacher_data(cfg, ckpt)
+    cfg.data.vae_pixel_range = "unit"
+    _check_teacher_data(cfg, ckpt)                      # latents encoded the teacher's way

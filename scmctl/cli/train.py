@@ -98,6 +98,8 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
 
     dims_known = None not in (cfg.network.resolution, cfg.network.channels, cfg.network.num_classes)
     dataset = None if (dry_run and dims_known) else _fill_from_data(cfg, preset)
+    if teacher_ckpt is not None and dataset is not None:
+        _check_teacher_data(cfg, teacher_ckpt)
     if method == "scd" and cfg.loss.max_guidance > 1 and cfg.network.num_classes:
         cfg.network.guidance_input = True
     config_mod.validate(cfg)
@@ -161,6 +163,24 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
         if summary.get("grid"):
             print(f"sample grid: {summary['grid']}")
         print(f"checkpoint: {summary['checkpoint']}")
+
+
+def _check_teacher_data(cfg, teacher_ckpt: dict) -> None:
+    """The student's data must be in the teacher's model space (same VAE, normalization, pixels)."""
+    t = teacher_ckpt["config"]["data"]
+    for key in ("encoder", "latent_mean", "latent_std", "vae_pixel_range"):
+        have, want = getattr(cfg.data, key), t.get(key, "signed" if key == "vae_pixel_range" else None)
+        if key in ("latent_mean", "latent_std") and have and want:
+            same = len(have) == len(want) and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(have, want))
+        else:
+            same = (have or None) == (want or None)
+        if not same:
+            hint = (f"; prepare the latents as the teacher saw them: scmctl data latents SRC --out DIR "
+                    f"--vae {t.get('encoder')} --latent-mean {','.join(map(str, t.get('latent_mean') or []))} "
+                    f"--latent-std {','.join(map(str, t.get('latent_std') or []))} "
+                    f"--vae-pixel-range {t.get('vae_pixel_range', 'signed')}") if t.get("encoder") else ""
+            raise UsageError(f"--teacher {teacher_ckpt['path']}: was trained with data.{key}={want!r}, "
+                             f"the data gives {have!r}{hint}")
 
 
 def _convertible_state(state: dict, net_cfg, source_net: dict) -> dict:

@@ -30,7 +30,8 @@ MPConv's normalized weight changes sign with it). It is kept as the adaptive wei
 Labels: EDM2 feeds one-hot rows scaled by √label_dim, as scmctl's U-Net does (a zero row is
 unconditional). fp16 weights become float32. The encoder is recorded: StandardRGBEncoder = pixels
 in [−1, 1]; StabilityVAEEncoder = SD-VAE latents with raw_mean/raw_std recovered from its stored
-scale/bias (final = raw·scale + bias, scale = final_std/raw_std, bias = final_mean − raw_mean·scale).
+scale/bias (final = raw·scale + bias, scale = final_std/raw_std, bias = final_mean − raw_mean·scale)
+and ``data.vae_pixel_range: unit`` (EDM2's VAE sees pixels in [0, 1]).
 """
 
 from __future__ import annotations
@@ -144,5 +145,7 @@ def _encoder(enc, cfg: Config) -> None:
     # latent_std = σ_d/scale and latent_mean = −bias/scale (= EDM2's raw_mean/raw_std when its
     # final_mean = 0 and final_std = σ_d, the defaults).
     cfg.data.encoder = str(snapshot.attr(enc, "vae_name", "stabilityai/sd-vae-ft-mse"))
-    cfg.data.latent_mean = [float(v) for v in -bias / scale]
-    cfg.data.latent_std = [float(v) for v in cfg.data.sigma_data / scale]
+    cfg.data.vae_pixel_range = "unit"       # EDM2 feeds the VAE x/255 and decodes to [0, 1]
+    # 7 significant digits: EDM2 stores scale/bias in float32 (5.81 comes back as 5.8099999)
+    cfg.data.latent_mean = [float(f"{v:.7g}") for v in -bias / scale]
+    cfg.data.latent_std = [float(f"{v:.7g}") for v in cfg.data.sigma_data / scale]

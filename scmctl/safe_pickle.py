@@ -202,11 +202,20 @@ def _persistent(meta):
 
 def _reconstructor(cls, base, state=None):
     """``copyreg._reconstructor`` (protocol 0/1 objects), for our inert classes only."""
-    if not (isinstance(cls, type) and issubclass(cls, (InertObject, EasyDict))):
+    if isinstance(cls, type) and issubclass(cls, EasyDict) and base is dict and isinstance(state, (dict, type(None))):
+        return cls(state or {})
+    if not (isinstance(cls, type) and issubclass(cls, InertObject)) or base is not object or state is not None:
         raise RefusedPickle("refusing to reconstruct an instance of a class outside the allow-list")
-    if base not in (object, dict) or state is not None:
-        raise RefusedPickle("refusing to reconstruct an instance with an unexpected base")
     return cls.__new__(cls)
+
+
+def _bytearray(data=b"", *args):
+    # protocol 2-4 pickles bytearray(b"...") as a call; only that form (no bytearray(10**12))
+    if isinstance(data, str) and args:
+        return bytearray(_latin1(data, *args))
+    if not isinstance(data, bytes):
+        raise RefusedPickle("refusing to load bytearray of other than bytes")
+    return bytearray(data)
 
 
 def _allowed(torch_tensors: bool, snapshots: bool) -> dict[tuple[str, str], Any]:
@@ -214,7 +223,7 @@ def _allowed(torch_tensors: bool, snapshots: bool) -> dict[tuple[str, str], Any]
         ("_codecs", "encode"): _latin1,
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-        ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray,
+        ("builtins", "complex"): complex, ("builtins", "bytearray"): _bytearray,
         ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _dtype,
     }
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
@@ -235,6 +244,7 @@ def _allowed(torch_tensors: bool, snapshots: bool) -> dict[tuple[str, str], Any]
             table[tuple(dotted.rsplit(".", 1))] = _inert_class(dotted)
         table[("copyreg", "_reconstructor")] = _reconstructor
         table[("builtins", "object")] = object
+        table[("builtins", "dict")] = dict          # the base named by protocol-0 dict subclasses
     return table
 
 

@@ -86,13 +86,13 @@ def test_edm2_import_equals_the_snapshot_network(capsys, tmp_path, label_dim, ch
     assert marker.exists()
 
 
-@pytest.mark.parametrize("arch,label_dim", [("ddpmpp", 0), ("ddpmpp", 3), ("ncsnpp", 3)])
-def test_edm_import_equals_the_snapshot_network(capsys, tmp_path, arch, label_dim):
+@pytest.mark.parametrize("arch,label_dim,protocol", [("ddpmpp", 0, 4), ("ddpmpp", 3, 0), ("ncsnpp", 3, 5)])
+def test_edm_import_equals_the_snapshot_network(capsys, tmp_path, arch, label_dim, protocol):
     """EDM's EDMPrecond + SongUNet (DDPM++ or NCSN++, with the augmentation-label input) as TrigFlow."""
     ref = E.small_edm(label_dim=label_dim, ncsnpp=arch == "ncsnpp")
     marker = tmp_path / "ran"
     snap = tmp_path / "edm.pkl"
-    snap.write_bytes(E.edm_snapshot(ref, marker=marker))
+    snap.write_bytes(E.edm_snapshot(ref, marker=marker, protocol=protocol))
     out = tmp_path / "edm.pt"
     code, stdout, err = run(capsys, "import", snap, "--out", out, "--json")
     assert code == 0, err

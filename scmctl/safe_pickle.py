@@ -147,7 +147,7 @@ def _load_storage(blob):
 
 
 def _no_hooks(hooks) -> None:
-    if hooks not in (None, {}) and not (isinstance(hooks, dict) and not hooks):
+    if hooks:                                # an (Ordered)dict of callables would be code
         raise RefusedPickle("refusing to load a tensor with backward hooks")
 
 

@@ -13,7 +13,6 @@ import math
 import pickle
 import sys
 import types
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -305,10 +304,6 @@ def rounded_like_snapshot(net: nn.Module, fp16: bool = True) -> nn.Module:
         for t in list(out.parameters()) + list(out.buffers()):
             t.copy_(t.to(torch.float16 if fp16 else torch.float32).double())
     return out.double()
-
-
-def odict(**kw):
-    return OrderedDict(**kw)
 
 
 # --- EDM's DDPM++ (SongUNet with EDMPrecond), float64 reference (Karras et al. 2022, App. F.2) -----

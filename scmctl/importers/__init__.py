@@ -10,6 +10,7 @@ each module source the pickle carried (never executed).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from scmctl.errors import UsageError
@@ -30,8 +31,10 @@ def import_snapshot(path: str | Path) -> dict:
     except UsageError as e:
         raise UsageError(f"{p}: {e}") from None
     net = top["ema"]
-    ckpt_io.load_state(model, state, f"{p} ({fmt} {net.class_name})")
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():          # a meta-device model: the load only checks
+        warnings.filterwarnings("ignore", message=".*meta parameter.*")
+        ckpt_io.load_state(model, state, f"{p} ({fmt} {net.class_name})")   # names and shapes, strictly
+    state = {k: state[k].contiguous() for k in model.state_dict()}
     enc = top.get("encoder")
     return {
         "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": "diffusion", "step": 0,
@@ -44,7 +47,8 @@ def import_snapshot(path: str | Path) -> dict:
 
 
 def _convert(top: dict):
-    """(format, config, scmctl network, mapped state dict) for the snapshot's EMA network."""
+    """(format, config, scmctl network to check the mapping against, mapped state dict) for the
+    snapshot's EMA network. EDM2's are built on the meta device (no second copy of XXL's weights)."""
     import torch
 
     from scmctl import config as config_mod
@@ -59,10 +63,11 @@ def _convert(top: dict):
         raise UsageError(f"unknown network class '{net.class_name}' (supported: EDM2 Precond "
                          "with its UNet, EDM EDMPrecond with SongUNet DDPM++/NCSN++)")
     config_mod.validate(cfg)
-    torch.manual_seed(0)                      # layers the snapshot lacks (EDM: w_φ) start seeded
+    if fmt == "edm2":                         # every tensor comes from the snapshot: check on meta
+        return fmt, cfg, build_network(cfg.network, "meta"), edm2.state_dict(net)
+    torch.manual_seed(0)                      # the layers EDM lacks (w_φ) start seeded
     model = build_network(cfg.network)
-    state = edm2.state_dict(net) if fmt == "edm2" else edm.state_dict(net, model.state_dict())
-    return fmt, cfg, model, state
+    return fmt, cfg, model, edm.state_dict(net, model.state_dict())
 
 
 def _module_hashes(obj, seen=None) -> set[str]:

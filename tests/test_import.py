@@ -282,3 +282,24 @@ def test_a_latent_teacher_refuses_data_in_another_model_space(capsys, tmp_path):
         _check_teacher_data(cfg, ckpt)
     cfg.data.vae_pixel_range = "unit"
     _check_teacher_data(cfg, ckpt)                      # latents encoded the teacher's way
+
+
+def test_imported_teacher_samples_and_refines_through_the_cli(capsys, tmp_path):
+    """The imported checkpoint is an ordinary diffusion model for `sample` (every solver) and `refine`."""
+    from scmctl.data.imageio import write_png
+    from scmctl.config import CHOICES
+
+    teacher, _, _, _ = _import(capsys, tmp_path, E.small_edm2())
+    for solver in CHOICES["sample.solver"]:
+        code, out, err = run(capsys, "sample", teacher, "-n", 2, "--steps", 3, "--solver", solver,
+                             "--out", tmp_path / f"s-{solver}", "--json")
+        assert code == 0, err
+        info = json.loads(out)
+        assert info["kind"] == "diffusion" and info["nfe"] == (3 if solver == "euler" else 5)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(2):
+        write_png(imgs / f"{i}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+    code, out, err = run(capsys, "refine", teacher, imgs, "--t", 0.5, "--out", tmp_path / "refined", "--json")
+    assert code == 0, err
+    assert len(list((tmp_path / "refined").glob("*.png"))) == 2

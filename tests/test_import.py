@@ -264,7 +264,7 @@ def test_two_roads_from_an_imported_teacher(capsys, tmp_path):
 def test_a_latent_teacher_refuses_data_in_another_model_space(capsys, tmp_path):
     """An imported EDM2 latent teacher (SD-VAE latents of [0, 1] pixels, EDM2's normalization) is not
     distilled on latents prepared scmctl's default way: one line naming the matching options."""
-    from scmctl.cli.train import _check_teacher_data
+    from scmctl.training.run_config import _check_teacher_data
     from scmctl.config import Config
     from scmctl.data.latents import SD_VAE, SD_VAE_LATENT_MEAN, SD_VAE_LATENT_STD
     from scmctl.errors import UsageError

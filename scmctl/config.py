@@ -47,6 +47,9 @@ class DataConfig:
     encoder: Optional[str] = None         # e.g. stabilityai/sd-vae-ft-mse (HF id or local folder)
     latent_mean: list[float] = field(default_factory=list)
     latent_std: list[float] = field(default_factory=list)
+    # Pixel range the VAE sees: signed = [-1, 1] (diffusers' convention, sCM); unit = [0, 1] (EDM2's
+    # StabilityVAEEncoder: its latent models were trained on latents of [0, 1] images).
+    vae_pixel_range: str = "signed"
 
 
 @dataclass
@@ -66,8 +69,11 @@ class NetworkConfig:
     dropout: float = 0.0
     dropout_max_resolution: int = 0       # dropout only in blocks at resolution <= this; 0 = all
     label_dropout: float = 0.0            # classifier-free guidance training
-    time_embedding: str = "positional"    # positional | fourier
+    time_embedding: str = "positional"    # positional | fourier: c_noise(t) = t; edm: EDM/EDM2's
+                                          # c_noise = ln(σ_d·tan t)/4 with saved Fourier features
     time_embedding_scale: float = 1.0     # frequency multiplier on c_noise(t) = t
+    edm_sigma_data: float = 0.5           # σ_d in EDM's c_noise (time_embedding=edm); = data.sigma_data
+    norm_eps_outside: bool = False        # pixel norm x/(rms + ε) as EDM2 (imported snapshots)
     adaptive_double_norm: bool = True     # y = norm(x)·pnorm(s(t)) + pnorm(b(t)); False = EDM2 gain
     guidance_input: bool = False          # sCD student: guidance scale s embedded like t
     augment_dim: int = 0                  # EDM's augment label input (9) added to the embedding; 0 = none
@@ -150,7 +156,8 @@ class Config:
 CHOICES = {
     "method": METHODS,
     "network.arch": NETWORK_ARCHS,
-    "network.time_embedding": ("positional", "fourier"),
+    "data.vae_pixel_range": ("signed", "unit"),
+    "network.time_embedding": ("positional", "fourier", "edm"),
     "network.attention_backend": ("auto", "xformers", "sdpa", "math"),
     "network.attention_jvp": ("auto", "chunked", "fused", "math"),
     "train.optimizer": ("adam", "radam"),
@@ -444,6 +451,9 @@ def validate(cfg: Config) -> None:
         raise UsageError("data.latent_std values must be > 0")
     if cfg.data.sigma_data <= 0:
         raise UsageError("config key 'data.sigma_data' must be > 0")
+    if cfg.network.time_embedding == "edm" and abs(cfg.network.edm_sigma_data - cfg.data.sigma_data) > 1e-12:
+        raise UsageError(f"network.edm_sigma_data ({cfg.network.edm_sigma_data}) must equal "
+                         f"data.sigma_data ({cfg.data.sigma_data})")
     if not 0 < cfg.sample.t_mid < 1.5707963:
         raise UsageError(f"config key 'sample.t_mid' must be in (0, π/2), got {cfg.sample.t_mid}")
 

@@ -572,3 +572,35 @@ def test_refine_a_latent_model_encodes_crops_and_decodes(latent_set, tiny_vae, t
         got = np.asarray(Image.open((tmp_path / "ref" / k).with_suffix(".png")))
         assert got.shape == (RES, RES, 3)
         assert np.abs(got.astype(int) - w.astype(int)).max() <= 1
+
+
+def test_vae_pixel_range_unit_is_edm2s_convention(latent_set, tiny_vae, tmp_path, capsys):
+    """--vae-pixel-range unit: the VAE sees x/255 and decodes to [0, 1] (EDM2's StabilityVAEEncoder);
+    the dataset records it and a config with the other range is refused."""
+    from scmctl.config import DataConfig
+    from scmctl.data.datasets import load_dataset
+    from scmctl.data.latents import decode_to_uint8, fill_from_latent_data
+
+    _, _, crops, root = latent_set
+    folder, vae = tiny_vae
+    out = tmp_path / "unit"
+    code, stdout, err = run(capsys, "data", "latents", root / "train", "--out", out, "--vae", folder,
+                                "--resolution", RES, "--dtype", "float32", "--device", "cpu",
+                                "--vae-pixel-range", "unit", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["vae_pixel_range"] == "unit"
+    x01 = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        want = vae.encode(x01).latent_dist.mean
+    assert (torch.from_numpy(np.load(out / "latents.npy")[:, 0]) - want).abs().max() < 1e-5
+    cfg = DataConfig(encoder=str(folder), latent_mean=SCM_MEAN, latent_std=SCM_STD, vae_pixel_range="unit")
+    z = (want.double() - torch.tensor(SCM_MEAN).view(1, 4, 1, 1)) * 0.5 / torch.tensor(SCM_STD).view(1, 4, 1, 1)
+    with torch.no_grad():
+        dec = vae.decode(want).sample
+    ref = (dec * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    diff = np.abs(decode_to_uint8(cfg, z.float(), "cpu").astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    ds = load_dataset(str(out))
+    with pytest.raises(UsageError, match="--vae-pixel-range signed"):
+        fill_from_latent_data(DataConfig(), ds)
+    fill_from_latent_data(DataConfig(vae_pixel_range="unit"), ds)

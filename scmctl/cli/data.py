@@ -73,6 +73,9 @@ def latents(src: Path = typer.Argument(..., metavar="SRC",
                 None, "--latent-std", help="Normalization std, or 'measured'; default: sCM's "
                                            "[5.27,5.91,4.21,4.31]."),
             sigma_data: float = typer.Option(0.5, "--sigma-data", help="Std of the normalized latents."),
+            vae_pixel_range: str = typer.Option("signed", "--vae-pixel-range",
+                                                help="Pixels the VAE sees: signed = [-1, 1] (default), "
+                                                     "unit = [0, 1] (EDM2's latent models)."),
             workers: Optional[int] = WORKERS, json_out: bool = JSON) -> None:
     """Images -> ADM crop -> SD-VAE posterior mean/std (raw, normalized at training time by latent_mean/std)."""
     from scmctl.data.prepare import prepare_latents
@@ -81,7 +84,8 @@ def latents(src: Path = typer.Argument(..., metavar="SRC",
         meta = prepare_latents(src, out, vae, resolution=resolution, batch=batch, device=device,
                                dtype=dtype, latent_mean=_floats(latent_mean, "--latent-mean"),
                                latent_std=_floats(latent_std, "--latent-std"),
-                               sigma_data=sigma_data, workers=workers, on_progress=cb)
+                               sigma_data=sigma_data, vae_pixel_range=vae_pixel_range,
+                               workers=workers, on_progress=cb)
     _done(meta, out, json_out)
 
 

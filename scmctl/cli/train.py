@@ -66,7 +66,7 @@ def _run(method: str, *, preset: str, data: Optional[str], run_dir: Optional[Pat
     from scmctl import config as config_mod
     from scmctl import distributed
     from scmctl.training.parallel import check_scaleout
-    from scmctl.training.run_config import load_data, resolve_for_run
+    from scmctl.training.run_config import load_data, resolve_for_run, start_weights
 
     teacher_ckpt = _load_ckpt(teacher) if teacher is not None else None
     init_ckpt = _load_ckpt(init) if init is not None else None
@@ -90,7 +90,8 @@ def _run(method: str, *, preset: str, data: Optional[str], run_dir: Optional[Pat
                          "--data digits for the built-in digits")
     dataset = None if (dry_run and dims_known) else load_data(cfg)
     cfg, notes = resolve_for_run(cfg, world=world, device=cfg.train.device, dataset=dataset,
-                                 source=init_ckpt or teacher_ckpt)
+                                 source=init_ckpt or teacher_ckpt, teacher=teacher_ckpt,
+                                 set_keys=[o.split("=", 1)[0].strip() for o in overrides])
 
     from scmctl.nn.networks import count_parameters
 
@@ -110,7 +111,8 @@ def _run(method: str, *, preset: str, data: Optional[str], run_dir: Optional[Pat
     from scmctl.training.run_dir import last_stats
 
     teacher_net = _network_from(teacher_ckpt) if teacher_ckpt is not None else None
-    init_state = (init_ckpt or teacher_ckpt or {}).get("ema")
+    source = init_ckpt or teacher_ckpt
+    init_state = start_weights(source["ema"], cfg.network, source["config"]["network"]) if source else None
     # Under torchrun: one process group for the run; only rank 0 prints, writes and reports.
     dist = distributed.init(cfg.train.device) if distributed.launched() else None
     main = dist is None or dist.is_main

@@ -46,7 +46,6 @@ check.
 from __future__ import annotations
 
 import functools
-import io
 import os
 import pickle
 import posixpath
@@ -61,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scmctl import safe_pickle
 from scmctl.data.imageio import IMAGE_EXTENSIONS, list_image_files, read_image
 from scmctl.errors import UsageError
 
@@ -571,60 +571,12 @@ def _cifar_field(d, key: str, where: str):
     raise UsageError(f"{where}: not a CIFAR-10 batch (no '{key}' entry)")
 
 
-def _numpy_attr(modules: tuple[str, ...], name: str):
-    import importlib
-
-    for m in modules:                    # numpy 2 moved numpy.core to numpy._core
-        try:
-            return getattr(importlib.import_module(m), name)
-        except (ImportError, AttributeError):
-            continue
-    return None
-
-
-def _latin1_encode(obj, encoding="latin1"):
-    # Python 3 pickles bytes at protocol <= 2 as _codecs.encode(str, "latin1"); allow exactly that.
-    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("unexpected _codecs.encode call")
-    return obj.encode("latin1")
-
-
-@functools.lru_cache(maxsize=1)
-def _pickle_allowlist() -> dict[tuple[str, str], object]:
-    reconstruct = _numpy_attr(("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")
-    frombuffer = _numpy_attr(("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")
-    allowed = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_encode,
-    }
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        if reconstruct is not None:
-            allowed[(mod, "_reconstruct")] = reconstruct
-    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
-        if frombuffer is not None:
-            allowed[(mod, "_frombuffer")] = frombuffer
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds builtin containers, numbers, strings, bytes and numpy arrays; refuses any other
-    global, so a pickle cannot name a callable (os.system, eval, ...) to run."""
-
-    def find_class(self, module: str, name: str):
-        obj = _pickle_allowlist().get((module, name))
-        if obj is None:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return obj
-
-
 def _cifar_unpickle(blob: bytes, where: str):
     try:
-        return _RestrictedUnpickler(io.BytesIO(blob), encoding="bytes").load()
+        return safe_pickle.loads(blob, encoding="bytes")
     except pickle.UnpicklingError as e:
         raise UsageError(f"{where}: not a CIFAR-10 batch ({e}); nothing in it was run") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
-            OverflowError, UnicodeDecodeError) as e:
+    except safe_pickle.MALFORMED as e:
         raise UsageError(f"{where}: not a readable CIFAR-10 batch ({type(e).__name__})") from None
 
 

@@ -85,7 +85,7 @@ def decode_to_uint8(data_cfg, x0: torch.Tensor, device=None) -> np.ndarray:
     vae = load_vae(data_cfg.encoder, device if device is not None else x0.device)
     z = denormalize(x0.detach().float(), data_cfg.latent_mean, data_cfg.latent_std,
                     data_cfg.sigma_data)
-    return vae.decode(z)
+    return vae.decode(z, pixel_range=data_cfg.vae_pixel_range)
 
 
 def encode_from_uint8(data_cfg, images: np.ndarray, device=None) -> torch.Tensor:
@@ -97,7 +97,7 @@ def encode_from_uint8(data_cfg, images: np.ndarray, device=None) -> torch.Tensor
         return x.to(device) if device is not None else x
     _require_stats(data_cfg)
     vae = load_vae(data_cfg.encoder, device if device is not None else "cpu")
-    mean, _ = vae.encode(images)
+    mean, _ = vae.encode(images, pixel_range=data_cfg.vae_pixel_range)
     z = normalize(mean, data_cfg.latent_mean, data_cfg.latent_std, data_cfg.sigma_data)
     return z.to(device) if device is not None else z
 
@@ -137,6 +137,11 @@ def fill_from_latent_data(dc, ds) -> None:
             raise UsageError(f"data.{key} is {list(want)} but {where} is normalized with {have}; "
                              f"drop the setting (it is filled from the data) or re-encode with "
                              f"--{key.replace('_', '-')}")
+    have = ds.meta.get("vae_pixel_range", "signed")
+    if dc.vae_pixel_range != have:
+        raise UsageError(f"data.vae_pixel_range is {dc.vae_pixel_range} but {where} was encoded from "
+                         f"{have} pixels; re-encode with scmctl data latents --vae-pixel-range "
+                         f"{dc.vae_pixel_range}")
     if not math.isclose(dc.sigma_data, ds.sigma_data, rel_tol=1e-6):
         raise UsageError(f"data.sigma_data is {dc.sigma_data} but {where} is normalized to "
                          f"sigma_data={ds.sigma_data}")
@@ -188,8 +193,10 @@ class VAE:
         return None
 
     @torch.no_grad()
-    def encode(self, images: np.ndarray, batch: int = ENCODE_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 NHWC RGB -> posterior (mean, std), raw latents as float32 NCHW on the CPU."""
+    def encode(self, images: np.ndarray, batch: int = ENCODE_BATCH,
+               pixel_range: str = "signed") -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 NHWC RGB -> posterior (mean, std), raw latents as float32 NCHW on the CPU. The VAE
+        sees pixels in [-1, 1] (pixel_range "signed") or [0, 1] ("unit", EDM2's convention)."""
         if images.ndim != 4 or images.shape[3] != 3:
             raise UsageError(f"the VAE encodes RGB images (N, H, W, 3), got {tuple(images.shape)}")
         f = self.downsampling
@@ -199,18 +206,22 @@ class VAE:
         means, stds = [], []
         for i in range(0, images.shape[0], batch):
             x = from_uint8(images[i:i + batch]).to(self.device)
+            if pixel_range == "unit":
+                x = (x + 1) / 2
             dist = self.model.encode(x).latent_dist
             means.append(dist.mean.float().cpu())
             stds.append(dist.std.float().cpu())
         return torch.cat(means), torch.cat(stds)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, batch: int = DECODE_BATCH) -> np.ndarray:
-        """Raw latents (N, C, h, w) -> uint8 NHWC images (decoder output in [-1, 1], to_uint8)."""
+    def decode(self, z: torch.Tensor, batch: int = DECODE_BATCH, pixel_range: str = "signed") -> np.ndarray:
+        """Raw latents (N, C, h, w) -> uint8 NHWC images (decoder output in [-1, 1], or [0, 1] for
+        pixel_range "unit", then to_uint8)."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise UsageError(f"the VAE decodes latents (N, {self.latent_channels}, h, w), got "
                              f"{tuple(z.shape)}")
-        out = [to_uint8(self.model.decode(z[i:i + batch].to(self.device, torch.float32)).sample)
+        scale, shift = (2.0, -1.0) if pixel_range == "unit" else (1.0, 0.0)
+        out = [to_uint8(self.model.decode(z[i:i + batch].to(self.device, torch.float32)).sample * scale + shift)
                for i in range(0, z.shape[0], batch)]
         return np.concatenate(out)
 

@@ -102,6 +102,7 @@ def prepare_latents(src: str | os.PathLike, out: str | os.PathLike, vae: str,
                     resolution: int = 512, batch: int = 32, device: str = "auto",
                     dtype: str = "float16", latent_mean: Sequence[float] | str | None = None,
                     latent_std: Sequence[float] | str | None = None, sigma_data: float = 0.5,
+                    vae_pixel_range: str = "signed",
                     workers: int | None = None, on_progress: Progress = None) -> dict:
     """An image-folder tree (ADM center crop to ``resolution``) or a prepared RGB pixel dataset at
     ``resolution`` -> VAE posterior mean and std of every image, stored raw.
@@ -120,6 +121,8 @@ def prepare_latents(src: str | os.PathLike, out: str | os.PathLike, vae: str,
         raise UsageError(f"--dtype must be float16 or float32, got '{dtype}'")
     if not sigma_data > 0:
         raise UsageError(f"--sigma-data must be > 0, got {sigma_data}")
+    if vae_pixel_range not in ("signed", "unit"):
+        raise UsageError(f"--vae-pixel-range must be signed or unit, got '{vae_pixel_range}'")
     stats_mode, latent_mean, latent_std = _stats_choice(latent_mean, latent_std)
 
     src_p = Path(src)
@@ -158,7 +161,7 @@ def prepare_latents(src: str | os.PathLike, out: str | os.PathLike, vae: str,
         raise UsageError(f"--latent-mean/--latent-std need {c} values (the VAE's latent "
                          f"channels), got {len(latent_mean)}/{len(latent_std)}")
     job = {"kind": "latents", "resolution": resolution, "dtype": dtype, "source": fingerprint,
-           "encoder_sha256": vae_obj.sha256}
+           "encoder_sha256": vae_obj.sha256, "vae_pixel_range": vae_pixel_range}
     shape = (n, 2, c, h, h)
     w = _Writer(Path(out), job, {"latents": (shape, dtype)}, labels,
                 state={"sum": [0.0] * c, "sumsq": [0.0] * c})
@@ -166,7 +169,7 @@ def prepare_latents(src: str | os.PathLike, out: str | os.PathLike, vae: str,
     sumsqs = np.array(w.state["sumsq"], dtype=np.float64)
     with _pool(workers) as pool:
         for i0, crops in _chunks(pool, load_one, items, w.done, batch):
-            mean, std = vae_obj.encode(np.stack(crops), batch=batch)
+            mean, std = vae_obj.encode(np.stack(crops), batch=batch, pixel_range=vae_pixel_range)
             stored = np.stack([mean.numpy(), std.numpy()], axis=1).astype(dtype)
             w.arrays["latents"][i0:i0 + len(crops)] = stored
             m, s = stored[:, 0].astype(np.float64), stored[:, 1].astype(np.float64)
@@ -193,7 +196,7 @@ def prepare_latents(src: str | os.PathLike, out: str | os.PathLike, vae: str,
                          "z = mean + std * eps, eps ~ N(0, I) per training step",
         "latent_mean": [float(v) for v in latent_mean],
         "latent_std": [float(v) for v in latent_std],
-        "latent_stats": stats_mode, "sigma_data": float(sigma_data),
+        "latent_stats": stats_mode, "sigma_data": float(sigma_data), "vae_pixel_range": vae_pixel_range,
         "measured_mean": measured_mean.tolist(), "measured_std": measured_std.tolist(),
         "files": {"latents": "latents.npy", "labels": "labels.npy" if labels is not None else None},
         "layout": "latents.npy: (N, 2, C, h, w), [:, 0] posterior mean, [:, 1] posterior std",

@@ -21,7 +21,6 @@ All arrays are read with ``allow_pickle=False``.
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scmctl import safe_pickle
 from scmctl.errors import UsageError
 from scmctl.fileio import sha256_file, write_atomic
 from scmctl.metrics.fid import StreamingStats, _load_npz, extract_features, extract_stats, iter_features
@@ -139,48 +139,6 @@ def _checked_stats(p: Path, mu, sigma) -> tuple[np.ndarray, np.ndarray]:
     return mu, sigma
 
 
-def _numpy_global(name: str):
-    import importlib
-
-    for mod in ("numpy._core.multiarray", "numpy.core.multiarray", "numpy._core.numeric", "numpy.core.numeric"):
-        try:
-            return getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError):
-            continue
-    return None
-
-
-def _latin1(obj, encoding="latin1"):
-    # Protocol <= 2 pickles store bytes as _codecs.encode(str, "latin1"): allow exactly that.
-    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("unexpected _codecs.encode call")
-    return obj.encode("latin1")
-
-
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-                                              ("_codecs", "encode"): _latin1}
-    for name, mods in (("_reconstruct", ("numpy._core.multiarray", "numpy.core.multiarray")),
-                       ("scalar", ("numpy._core.multiarray", "numpy.core.multiarray")),
-                       ("_frombuffer", ("numpy._core.numeric", "numpy.core.numeric"))):
-        obj = _numpy_global(name)
-        if obj is not None:
-            for mod in mods:
-                allowed[(mod, name)] = obj
-    return allowed
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds builtin containers, numbers, strings and numpy arrays; any other global is refused
-    in ``find_class``, i.e. before a callable such as ``os.system`` could be reached."""
-
-    def find_class(self, module: str, name: str):
-        obj = _allowed_globals().get((module, name))
-        if obj is None:
-            raise pickle.UnpicklingError(f"{module}.{name}")
-        return obj
-
-
 def read_pickled_arrays(path: Path):
     """A pickle holding only dicts/lists/numbers/strings/numpy arrays; anything else is a UsageError."""
     try:
@@ -188,12 +146,11 @@ def read_pickled_arrays(path: Path):
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.__class__.__name__})") from None
     try:
-        return _ArraysOnlyUnpickler(io.BytesIO(blob)).load()
+        return safe_pickle.loads(blob)
     except pickle.UnpicklingError as e:
-        raise UsageError(f"{path}: refusing to unpickle {e}: only dicts of numpy arrays (EDM2 reference "
+        raise UsageError(f"{path}: refusing to unpickle ({e}): only dicts of numpy arrays (EDM2 reference "
                          "statistics) are loaded, and nothing in the file was run") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
-            OverflowError, UnicodeDecodeError, RecursionError) as e:
+    except safe_pickle.MALFORMED as e:
         raise UsageError(f"{path}: not a readable pickle of numpy arrays ({e.__class__.__name__})") from None
 
 

@@ -6,6 +6,8 @@ The interface the losses, the training loop, the samplers and the checkpoints re
   velocity prediction (Lu & Song 2025, Sec. 3); forward-mode AD (``torch.func.jvp``) flows through
   it in x and t;
 - ``adaptive_weight(t)``: the adaptive-weighting head w_φ(t) (Lu & Song 2025, Sec. 4.2);
+- ``c_noise(t)``: the noise conditioning the embeddings see, t itself (Lu & Song 2025, Sec. 4.1) or,
+  for ``time_embedding: edm`` (networks imported from EDM/EDM2 snapshots), EDM's ln(σ)/4;
 - ``renormalize_()``: EDM2's forced weight normalization, run after each optimizer step;
 - ``blocks()``: the submodules FSDP2 shards one by one;
 - attributes ``num_classes`` and ``emb_guidance`` (None unless the network takes the sCD
@@ -49,7 +51,16 @@ class ImageNetwork(nn.Module):
     def adaptive_weight(self, t: torch.Tensor) -> torch.Tensor:
         """w_φ(t): the adaptive-weighting head, one scalar per sample (float32); the loss is
         e^{w_φ(t)}/D·‖·‖² − w_φ(t) (EDM2's learned uncertainty with w = −log-variance)."""
-        return self.weight_linear(self.weight_embed(t.reshape(-1))).reshape(-1).float()
+        return self.weight_linear(self.weight_embed(self.c_noise(t.reshape(-1)))).reshape(-1).float()
+
+    def c_noise(self, t: torch.Tensor) -> torch.Tensor:
+        """c_noise(t) = t (Lu & Song 2025, Sec. 4.1); with ``time_embedding: edm``, EDM's
+        c_noise = ln(σ)/4 at σ = σ_d·tan t (Karras et al. 2022, Table 1), in ≥ fp32. The derivative
+        dc_noise/dt = 1/(2 sin 2t) diverges at both ends: the instability sCM's c_noise = t removes."""
+        if self.cfg.time_embedding != "edm":
+            return t
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        return torch.log(self.cfg.edm_sigma_data * torch.tan(t)) / 4
 
     @torch.no_grad()
     def renormalize_(self) -> None:

@@ -22,21 +22,31 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-4) -> torch.Tensor:
+def pixel_norm(x: torch.Tensor, dim: int = 1, eps: float = 1e-4, eps_outside: bool = False) -> torch.Tensor:
     """x / √(mean(x², dim) + eps): unit RMS along `dim` (channels), statistics in >= fp32.
+    eps_outside=True: x / (√mean(x², dim) + eps), EDM2's ``normalize`` (Karras et al. 2024, Eq. 66
+    applied to activations), for networks imported from EDM2 snapshots.
 
-    Under forward-mode AD the tangent is written out (tx·r − x·r³·mean(x·tx)) and computed
-    without an autograd graph: sCM never differentiates through the tangent.
+    Under forward-mode AD the tangent is written out and computed without an autograd graph (sCM
+    never differentiates through the tangent): with r = √mean(x²) and m = mean(x·tx),
+    inside: ty = tx·ρ − x·ρ³·m, ρ = 1/√(r² + eps); outside: ty = tx/(r + eps) − x·m/(r·(r + eps)²).
     """
     p, tx = fwAD.unpack_dual(x)
     pf = _at_least_fp32(p)
-    r = torch.rsqrt(pf.square().mean(dim=dim, keepdim=True) + eps)
+    ms = pf.square().mean(dim=dim, keepdim=True)
+    rms = ms.sqrt() if eps_outside else None
+    r = 1 / (rms + eps) if eps_outside else torch.rsqrt(ms + eps)
     y = p * r.to(p.dtype)
     if tx is None:
         return y
     with torch.no_grad():
         pd, rd = pf.detach(), r.detach()
-        ty = tx * rd.to(tx.dtype) - (pd * rd.pow(3) * (pd * tx).mean(dim=dim, keepdim=True)).to(tx.dtype)
+        m = (pd * tx).mean(dim=dim, keepdim=True)
+        if eps_outside:
+            corr = pd * rd.square() * m / rms.detach().clamp_min(torch.finfo(pf.dtype).tiny)
+        else:
+            corr = pd * rd.pow(3) * m
+        ty = tx * rd.to(tx.dtype) - corr.to(tx.dtype)
     return fwAD.make_dual(y, ty)
 
 
@@ -164,11 +174,14 @@ class MPConv(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """Embedding of c_noise(t) = t, computed in float32 even under autocast (SCM_NOTES §3).
+    """Embedding of the noise conditioning c_noise, computed in float32 even under autocast
+    (Lu & Song 2025, Sec. 4.1: c_noise(t) = t with a positional embedding).
 
     'positional': sinusoids at frequencies scale·10000^(−i/half) (Transformer/DDPM style);
-    'fourier': random Fourier features cos(2π·scale·f·t + φ), f ~ N(0, 1) (fixed buffers).
-    Output has unit RMS per sample.
+    'fourier': random Fourier features cos(2π·scale·f·t + φ), f ~ N(0, 1) (fixed buffers, not saved);
+    'edm': the same features with the frequencies and phases kept in the state dict, as EDM2's
+    magnitude-preserving Fourier features (Karras et al. 2024, Eq. 75) that an imported snapshot
+    brings along. Output has unit RMS per sample.
     """
 
     def __init__(self, channels: int, kind: str = "positional", scale: float = 1.0, seed: int = 0):
@@ -180,10 +193,11 @@ class TimeEmbedding(nn.Module):
             self.register_buffer("freqs", freqs.float(), persistent=False)
         else:
             g = np.random.RandomState(seed)  # fixed features, same on every process
+            saved = kind == "edm"
             self.register_buffer("freqs", torch.from_numpy(2 * np.pi * scale * g.randn(channels)).float(),
-                                 persistent=False)
+                                 persistent=saved)
             self.register_buffer("phases", torch.from_numpy(2 * np.pi * g.rand(channels)).float(),
-                                 persistent=False)
+                                 persistent=saved)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=t.device.type, enabled=False):

@@ -17,17 +17,18 @@ attention at 16×16, channel_mult_emb 4, dropout 0.13: 55.7M parameters (DDPM++)
 
 The sCM changes (the defaults) and the EDM options (for EDM's snapshots):
 
-- time conditioning: the second argument of :meth:`SongUNet.forward` is the noise label c_noise,
-  embedded as ``network.time_embedding`` says with ``network.time_embedding_scale`` as frequency
-  multiplier. scmctl's TrigFlow training passes c_noise(t) = t with a positional embedding (Lu &
-  Song 2025 Sec. 4.1); an imported EDM network is called with c_noise = ln(σ)/4 (EDM Table 1) by its
-  preconditioning wrapper, with EDM's embedding (DDPM++: positional, scale 1; NCSN++: Fourier,
-  scale 16);
+- time conditioning: the second argument of :meth:`SongUNet.forward` is the TrigFlow time t,
+  embedded as ``network.time_embedding`` says (``time_embedding_scale`` as frequency multiplier)
+  after :meth:`~scmctl.nn.base.ImageNetwork.c_noise`: c_noise(t) = t with a positional embedding
+  (Lu & Song 2025 Sec. 4.1), or for ``time_embedding: edm`` (imported EDM snapshots) EDM's
+  c_noise = ln(σ_d tan t)/4 (EDM Table 1) with the family's EDM embedding (DDPM++: positional,
+  scale 1; NCSN++: Fourier, scale 16);
 - ``adaptive_double_norm: true``: adaptive double normalization, y = GN(x)·pnorm(s(emb)) +
   pnorm(b(emb)), where s, b come from one linear layer (``affine``, 2C outputs);
   ``false``: EDM's additive conditioning y = GN(x + b(emb)) (``affine``, C outputs);
 - the output is F_θ(x_t/σ_d, t), the TrigFlow velocity (Lu & Song 2025 Eq. 5–6); for an EDM
-  snapshot it is EDM's raw network output F_x, which the wrapper turns into TrigFlow's F;
+  snapshot it is −F_x, EDM's raw output with the sign folded into the last layer at import
+  (scmctl.importers.edm);
 - ``augment_dim``: EDM's augmentation-label input (9 for its CIFAR-10 pipeline), added to the noise
   embedding by a bias-free linear layer; zero (or None) at sampling;
 - ``guidance_input`` (sCD students): the guidance scale s embedded like c_noise through a zero-
@@ -63,8 +64,10 @@ from scmctl.nn.layers import linear_map, modulate, pixel_norm, silu
 
 # What the family name fixes (EDM's train.py options for --arch ddpmpp / ncsnpp).
 FAMILIES = {
-    "ddpmpp": {"encoder": "standard", "resample_filter": (1, 1), "channel_mult_noise": 1},
-    "ncsnpp": {"encoder": "residual", "resample_filter": (1, 3, 3, 1), "channel_mult_noise": 2},
+    "ddpmpp": {"encoder": "standard", "resample_filter": (1, 1), "channel_mult_noise": 1,
+               "edm_embedding": "positional"},
+    "ncsnpp": {"encoder": "residual", "resample_filter": (1, 3, 3, 1), "channel_mult_noise": 2,
+               "edm_embedding": "fourier"},
 }
 SKIP_SCALE = math.sqrt(0.5)   # residual sums scaled by 1/√2 (Song et al. 2021)
 NORM_EPS = 1e-6
@@ -124,7 +127,7 @@ class SongBlock(nn.Module):
 
 
 class SongUNet(ImageNetwork):
-    """F_θ(x, c_noise[, labels, guidance, augment_labels]) for square images of side `resolution`."""
+    """F_θ(x, t[, labels, guidance, augment_labels]) for square images of side `resolution`."""
 
     def __init__(self, cfg: NetworkConfig):
         super().__init__()
@@ -145,7 +148,10 @@ class SongUNet(ImageNetwork):
         fir = family["resample_filter"]
 
         # Mapping: noise label (+ guidance, class, augmentation labels) -> embedding.
-        if cfg.time_embedding == "positional":
+        # time_embedding "edm": the family's EDM embedding (DDPM++ positional, NCSN++ Fourier) of
+        # c_noise = ln(σ)/4 (ImageNetwork.c_noise)
+        kind = cfg.time_embedding if cfg.time_embedding != "edm" else family["edm_embedding"]
+        if kind == "positional":
             self.map_noise = PositionalEmbedding(cnoise, cfg.time_embedding_scale)
         else:
             self.map_noise = FourierEmbedding(cnoise, cfg.time_embedding_scale)
@@ -221,8 +227,8 @@ class SongUNet(ImageNetwork):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
                 guidance: torch.Tensor | None = None, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """F_θ(x, t): x = x_t/σ_d (N, C, H, W); t (N,) the noise label c_noise (TrigFlow: c_noise = t)."""
-        emb = self.embedding(per_sample(t, x.shape[0]), labels, guidance, augment_labels).to(x.dtype)
+        """F_θ(x, t): x = x_t/σ_d (N, C, H, W); t (N,) TrigFlow times (embedded through c_noise(t))."""
+        emb = self.embedding(self.c_noise(per_sample(t, x.shape[0])), labels, guidance, augment_labels).to(x.dtype)
         skips = []
         aux = x
         for name, m in self.enc.items():

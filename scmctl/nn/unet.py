@@ -10,6 +10,13 @@ training (Lu & Song 2025, §4.1):
 - the adaptive-weighting head w_φ(t) (:meth:`UNet.adaptive_weight`).
 
 The network maps (x_t/σ_d, t) to F_θ, the TrigFlow velocity prediction.
+
+With ``adaptive_double_norm: false``, ``norm_eps_outside: true`` and ``time_embedding: edm`` the
+network is EDM2's U-Net exactly (Karras et al. 2024, App. B.7, "config G"), seen in TrigFlow
+terms: c_noise(t) = ln(σ_d·tan t)/4 = ln(σ)/4 feeds stored Fourier features, and with EDM2's
+preconditioning (c_in x_σ = x_t/σ_d, c_skip = cos²t, c_out = σ_d sin t) its denoiser
+c_skip·x_σ + c_out·F_edm = cos t·x_t − sin t·σ_d·F_θ holds with F_θ = −F_edm; the sign lives in
+the weights (out_gain and the weighting head negated at import, scmctl.importers).
 """
 
 from __future__ import annotations
@@ -38,10 +45,10 @@ class Block(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, flavor: str,
                  resample_mode: str = "keep", attn: bool = False, dropout: float = 0.0,
                  head_channels: int = 64, double_norm: bool = True, attention_backend: str = "auto",
-                 attention_jvp: str = "auto"):
+                 attention_jvp: str = "auto", norm_eps_outside: bool = False):
         super().__init__()
         self.flavor, self.resample_mode, self.dropout = flavor, resample_mode, dropout
-        self.double_norm = double_norm
+        self.double_norm, self.norm_eps_outside = double_norm, norm_eps_outside
         self.num_heads = max(1, out_channels // head_channels) if attn else 0
         self.attention_backend, self.attention_jvp = attention_backend, attention_jvp
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, 3)
@@ -61,7 +68,7 @@ class Block(nn.Module):
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
-            x = pixel_norm(x)
+            x = pixel_norm(x, eps_outside=self.norm_eps_outside)
         y = self.conv_res0(mp_silu(x))
         if self.double_norm:
             s = pixel_norm(self.emb_scale(emb))[:, :, None, None]
@@ -79,7 +86,7 @@ class Block(nn.Module):
         if self.num_heads:
             n, c, h, w = x.shape
             qkv = self.attn_qkv(x).reshape(n, self.num_heads, c // self.num_heads, 3, h * w)
-            q, k, v = pixel_norm(qkv, dim=2).unbind(3)              # cosine attention (EDM2)
+            q, k, v = pixel_norm(qkv, dim=2, eps_outside=self.norm_eps_outside).unbind(3)   # cosine attention (EDM2)
             q, k, v = (a.transpose(-1, -2) for a in (q, k, v))      # (N, heads, HW, head_dim)
             # outside autocast: attention keeps q/k/v's dtype and its own fp32 softmax/JVP accumulators
             with torch.autocast(x.device.type, enabled=False):
@@ -121,7 +128,8 @@ class UNet(ImageNetwork):
             r = res >> level
             p = cfg.dropout if (cfg.dropout_max_resolution == 0 or r <= cfg.dropout_max_resolution) else 0.0
             return Block(cin, cout, cemb, flavor, mode, attn, p, cfg.head_channels,
-                         cfg.adaptive_double_norm, cfg.attention_backend, cfg.attention_jvp)
+                         cfg.adaptive_double_norm, cfg.attention_backend, cfg.attention_jvp,
+                         cfg.norm_eps_outside)
 
         self.conv_in = MPConv(img_ch + 1, cblock[0], 3)
         self.enc = nn.ModuleList()
@@ -158,7 +166,7 @@ class UNet(ImageNetwork):
 
     def embedding(self, t: torch.Tensor, labels: torch.Tensor | None,
                   guidance: torch.Tensor | None, augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.emb_noise(self.time_embed(t))
+        emb = self.emb_noise(self.time_embed(self.c_noise(t)))
         if self.emb_augment is not None and augment_labels is not None:  # None = zero (sampling)
             emb = emb + self.emb_augment(augment_labels.float(), gain=self.augment_gain)
         if self.emb_guidance is not None:

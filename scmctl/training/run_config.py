@@ -4,9 +4,12 @@
 the run, :func:`resolve_for_run` makes the one copy the run uses, and nothing edits it later:
 
 - the network of the checkpoint the run starts from (``--init`` / the sCD teacher), keeping the
-  fields a student sets itself (:data:`OWN_NETWORK_FIELDS`);
+  fields a student sets itself (:data:`OWN_NETWORK_FIELDS`) and the time conditioning when the
+  user converts it (:data:`CONVERTIBLE_NETWORK_FIELDS`, e.g. an imported EDM/EDM2 teacher moved to
+  c_noise = t with ``--set network.time_embedding=positional``);
 - what the data says: network.resolution/channels/num_classes, a latent dataset's encoder and
   normalization;
+- the sCD teacher's model space: the data must be encoded and normalized as the teacher's was;
 - the sCD student's guidance input (a guided teacher, loss.max_guidance > 1, conditional data);
 - what the hardware setup forces: the effective loss.jvp_mode (:func:`effective_jvp_mode`) and,
   under train.compile, the attention backend that ``auto`` means.
@@ -17,7 +20,7 @@ config.yaml and every checkpoint record this config, so a run directory shows wh
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Sequence
 
 from scmctl.config import Config, from_dict, validate
 from scmctl.errors import UsageError
@@ -26,20 +29,40 @@ from scmctl.training.parallel import effective_jvp_mode
 # Network fields a student takes from its own config rather than from the checkpoint it starts from.
 OWN_NETWORK_FIELDS = ("dropout", "dropout_max_resolution", "label_dropout", "guidance_input",
                       "attention_backend", "attention_jvp")
+# Network fields a `--set` may change against the checkpoint the run starts from: the architecture
+# change sCM makes (Lu & Song 2025, Sec. 4.1; SANA-Sprint does it to a pretrained teacher by a
+# short diffusion fine-tune): EDM's c_noise = ln(σ)/4 with Fourier features -> c_noise = t with a
+# positional embedding. The old embedding's fixed frequency buffers are dropped
+# (:func:`start_weights`); every other weight still loads with its shape checked.
+CONVERTIBLE_NETWORK_FIELDS = ("time_embedding", "time_embedding_scale")
+EMBEDDING_BUFFERS = ("freqs", "phases")
+EDM_TIME_WARNING = (
+    "warning: the student keeps EDM's time conditioning c_noise = ln(σ_d·tan t)/4 "
+    "(network.time_embedding=edm): its derivative 1/(2 sin 2t) diverges at both ends of [0, π/2], "
+    "which makes continuous-time consistency training unstable (Lu & Song 2025, Sec. 4.1). Watch "
+    "tangent_rms_t0..t3 (the per-t-bin tangent RMS) in the run's stats.jsonl: a bin that keeps "
+    "growing announces divergence. The stable road: scmctl train --objective diffusion --init "
+    "TEACHER --set network.time_embedding=positional, then distill with --init.")
 
 
 def resolve_for_run(cfg: Config, *, world: int = 1, device: str = "auto", dataset=None,
-                    source: Optional[dict] = None) -> tuple[Config, list[str]]:
+                    source: Optional[dict] = None, teacher: Optional[dict] = None,
+                    set_keys: Sequence[str] = ()) -> tuple[Config, list[str]]:
     """(the run's config, notes for the user). `cfg`: the requested config (not modified);
     `world`: the number of processes; `device`: the run's device name (train.compile resolves the
     attention backend for it); `dataset`: the training data (None: the network's sizes must be
-    set); `source`: the checkpoint dict the weights start from (``--init`` or the teacher)."""
+    set); `source`: the checkpoint dict the weights start from (``--init`` or the teacher);
+    `teacher`: the sCD teacher's checkpoint dict; `set_keys`: the dotted keys the user set."""
     cfg = copy.deepcopy(cfg)
     notes: list[str] = []
     if source is not None:
-        _network_from(cfg, source)
+        _network_from(cfg, source, set_keys)
     if dataset is not None:
         _fill_from_data(cfg, dataset)
+        if teacher is not None:
+            _check_teacher_data(cfg, teacher)
+    if cfg.method != "diffusion" and cfg.network.time_embedding == "edm":
+        notes.append(EDM_TIME_WARNING)
     if cfg.method == "scd" and cfg.loss.max_guidance > 1 and cfg.network.num_classes:
         cfg.network.guidance_input = True  # the student takes the teacher's guidance scale s
     validate(cfg)
@@ -60,16 +83,47 @@ def resolve_for_run(cfg: Config, *, world: int = 1, device: str = "auto", datase
     return cfg, notes
 
 
-def _network_from(cfg: Config, source: dict) -> None:
-    """The network must match the weights it starts from."""
+def _network_from(cfg: Config, source: dict, set_keys: Sequence[str] = ()) -> None:
+    """The network must match the weights it starts from (up to the fields it may change)."""
     net_cfg = from_dict({"network": source["config"]["network"]}).network
-    for f in OWN_NETWORK_FIELDS:
+    converted = tuple(f for f in CONVERTIBLE_NETWORK_FIELDS if f"network.{f}" in set_keys)
+    for f in OWN_NETWORK_FIELDS + converted:
         setattr(net_cfg, f, getattr(cfg.network, f))
     cfg.network = net_cfg
     sigma = source["config"]["data"]["sigma_data"]
     if abs(sigma - cfg.data.sigma_data) > 1e-12:
         raise UsageError(f"{source.get('path', 'checkpoint')}: was trained with sigma_data={sigma}, "
                          f"config has {cfg.data.sigma_data}")
+
+
+def start_weights(state: dict, net_cfg, source_net: dict) -> dict:
+    """The weights a run starts from (a checkpoint's EMA state dict): with the time embedding
+    converted (:data:`CONVERTIBLE_NETWORK_FIELDS`), the old embedding's fixed frequency buffers,
+    which the new network does not have, are left out; nothing else changes."""
+    if all(source_net.get(f) == getattr(net_cfg, f) for f in CONVERTIBLE_NETWORK_FIELDS):
+        return state
+    from scmctl.nn.networks import build_network
+
+    own = build_network(net_cfg, "meta").state_dict()
+    return {k: v for k, v in state.items() if k in own or k.rsplit(".", 1)[-1] not in EMBEDDING_BUFFERS}
+
+
+def _check_teacher_data(cfg: Config, teacher: dict) -> None:
+    """The student's data must be in the teacher's model space (same VAE, normalization, pixels)."""
+    t = teacher["config"]["data"]
+    for key in ("encoder", "latent_mean", "latent_std", "vae_pixel_range"):
+        have, want = getattr(cfg.data, key), t.get(key, "signed" if key == "vae_pixel_range" else None)
+        if key in ("latent_mean", "latent_std") and have and want:
+            same = len(have) == len(want) and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(have, want))
+        else:
+            same = (have or None) == (want or None)
+        if not same:
+            hint = (f"; prepare the latents as the teacher saw them: scmctl data latents SRC --out DIR "
+                    f"--vae {t.get('encoder')} --latent-mean {','.join(map(str, t.get('latent_mean') or []))} "
+                    f"--latent-std {','.join(map(str, t.get('latent_std') or []))} "
+                    f"--vae-pixel-range {t.get('vae_pixel_range', 'signed')}") if t.get("encoder") else ""
+            raise UsageError(f"--teacher {teacher.get('path', 'checkpoint')}: was trained with "
+                             f"data.{key}={want!r}, the data gives {have!r}{hint}")
 
 
 def load_data(cfg: Config):

@@ -175,6 +175,9 @@ def ref_cmd(
         raise UsageError(f"--out {out}: reference statistics are written as .npz; end the name with .npz")
     if Path(out).is_dir():
         raise UsageError(f"--out {out}: is a folder; give a file name ending in .npz")
+    from scmctl.fileio import check_output_file
+
+    check_output_file(out, "--out")  # before the hours of feature extraction, not after
     if features < 0:
         raise UsageError(f"--features {features}: must be >= 0")
     source = random_subset(open_data_images(data), num, seed, "-n")

@@ -62,6 +62,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap
     mmap=True maps the file instead of reading it (processes of one node share the pages)."""
     p = resolve_path(path)
     try:
+        # Reviewed call site: weights_only=True rebuilds tensors and plain data only, never code.
         ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -73,8 +74,34 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap
         raise UsageError(f"{p}: not an scmctl checkpoint")
     if ckpt.get("version", 0) > VERSION:
         raise UsageError(f"{p}: checkpoint version {ckpt.get('version')} is newer than this scmctl")
+    check_contents(ckpt, p)
     ckpt["path"] = str(p)
     return ckpt
+
+
+KINDS = ("consistency", "diffusion")
+REQUIRED = {"kind": str, "step": int, "config": dict, "net": dict, "ema": dict}
+
+
+def check_contents(ckpt: dict, where: str | os.PathLike) -> None:
+    """Refuse at load what would otherwise sample garbage later: a missing or mistyped entry, an
+    unknown ``kind``, a weight that is not a tensor or not finite (NaN weights give black images)."""
+    for key, tp in REQUIRED.items():
+        if key not in ckpt:
+            raise UsageError(f"{where}: checkpoint has no '{key}' entry (damaged or not written by scmctl train)")
+        if not isinstance(ckpt[key], tp) or isinstance(ckpt[key], bool):
+            raise UsageError(f"{where}: checkpoint entry '{key}' is a {type(ckpt[key]).__name__}, not a {tp.__name__}")
+    if ckpt["kind"] not in KINDS:
+        raise UsageError(f"{where}: unknown checkpoint kind '{ckpt['kind'][:40]}' (expected {' or '.join(KINDS)})")
+    if ckpt["step"] < 0:
+        raise UsageError(f"{where}: checkpoint step {ckpt['step']} is negative")
+    for part in ("net", "ema"):
+        for name, value in ckpt[part].items():
+            if not isinstance(value, torch.Tensor):
+                raise UsageError(f"{where}: '{part}' entry {name} is not a tensor")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise UsageError(f"{where}: weight {part}.{name} holds NaN or Inf; the checkpoint is unusable "
+                                 "(resume from an earlier one)")
 
 
 def load_state(module: torch.nn.Module, state: dict, where: str, allow_missing: tuple[str, ...] = ()) -> None:

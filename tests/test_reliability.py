@@ -204,6 +204,17 @@ def places(root):
     return p
 
 
+def assert_error_after_work(code, err, *needles):
+    """An error found after some work: exit 2, no traceback, one 'error:' line and it is the last;
+    earlier complete lines (notes, a finished progress bar) may precede it, never on its line."""
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and err.endswith("\n"), err
+    assert lines[-1].startswith("error:") and sum(ln.startswith("error:") for ln in lines) == 1, err
+    assert "error:" not in "".join(lines[:-1]), err
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
 def _listing(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
@@ -215,9 +226,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, argv, needle, roo
     if args[0] in ("sample", "eval", "refine"):
         args += ["--device", "cpu"]
     code, out, err = run(capsys, *args)
-    if case in FOUND_DURING_WORK:  # earlier complete stderr lines (notes, a finished bar) may precede
-        assert code == 2 and "Traceback" not in err and err.endswith("\n"), err
-        assert err.strip().splitlines()[-1].startswith("error:") and needle in err.strip().splitlines()[-1], err
+    if case in FOUND_DURING_WORK:
+        assert_error_after_work(code, err, needle)
     else:
         assert_one_line_error(code, err, needle)
         assert _listing(root) == before, case  # validated before anything was written
@@ -226,3 +236,190 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, argv, needle, roo
 
 def test_bad_input_table_has_at_least_60_cases():
     assert len(BAD) >= 60, len(BAD)
+
+
+# ------------------------------------------------------------------ images read as they show
+
+def _saved(im: Image.Image, fmt: str = "PNG") -> io.BytesIO:
+    b = io.BytesIO()
+    im.save(b, format=fmt)
+    b.seek(0)
+    return b
+
+
+def test_every_pillow_mode_is_read_as_it_shows(tmp_path):
+    g16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1040)         # 0 .. 65520
+    want16 = np.round(g16 / 257.0).astype(np.uint8)
+    p = tmp_path / "g16.png"
+    p.write_bytes(_saved(Image.fromarray(g16)).getvalue())
+    assert Image.open(p).mode == "I;16"
+    assert np.array_equal(read_image(p)[:, :, 0], want16)              # was: 32768 -> 255 (white)
+    assert read_image(p)[4, 0, 0] == round(32 * 1040 / 257)
+
+    i32 = g16.astype(np.int32)
+    p = tmp_path / "i32.tif"
+    Image.fromarray(i32, mode="I").save(p)
+    assert np.array_equal(read_image(p)[:, :, 0], want16)
+
+    f = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    p = tmp_path / "f.tif"
+    Image.fromarray(f, mode="F").save(p)
+    assert np.array_equal(read_image(p)[:, :, 0], np.round(f.astype(np.float64) * 255).astype(np.uint8))
+
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    p = tmp_path / "cmyk.jpg"
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(p, quality=100)
+    assert np.array_equal(read_image(p), np.asarray(Image.open(p).convert("RGB")))
+
+    la = np.stack([g16.astype(np.uint8), np.full((8, 8), 7, np.uint8)], -1)
+    p = tmp_path / "la.png"
+    Image.fromarray(la, mode="LA").save(p)
+    assert np.array_equal(read_image(p)[:, :, 0], la[:, :, 0])         # gray kept, alpha dropped
+
+    pal = Image.fromarray(rgb[:, :, 0] // 64, mode="L").convert("P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    pal.info["transparency"] = 0
+    p = tmp_path / "pal.png"
+    pal.save(p, transparency=0)
+    lut = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    assert np.array_equal(read_image(p), lut[rgb[:, :, 0] // 64])      # palette colours, no warning
+
+    p = tmp_path / "bw.png"
+    Image.fromarray(rgb[:, :, 0] > 127).save(p)
+    assert set(np.unique(read_image(p))) <= {0, 255}
+    # the ADM reader (data imagenet / latents, refine of latent models) shares the conversion
+    assert np.array_equal(read_image_adm(tmp_path / "g16.png", 8), np.repeat(want16[:, :, None], 3, 2))
+
+
+# ------------------------------------------------------------------ reference statistics
+
+def test_covariance_check_matches_eigvalsh():
+    from scmctl.errors import UsageError
+    from scmctl.metrics.reference import COVARIANCE_RTOL, check_covariance
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((50, 6))
+    sigma = np.cov(a, rowvar=False)
+    check_covariance(sigma, "ok")                                   # a real covariance passes
+    check_covariance(np.cov(a[:3], rowvar=False), "rank 2")       # singular PSD passes
+    lam = np.linalg.eigvalsh(sigma)
+    for shift, ok in ((0.5 * COVARIANCE_RTOL * lam[-1], True), (2 * COVARIANCE_RTOL * lam[-1], False)):
+        s = sigma - (lam[0] + shift) * np.eye(6)                    # smallest eigenvalue = -shift
+        if ok:
+            check_covariance(s, "tiny round-off")
+        else:
+            with pytest.raises(UsageError, match="negative eigenvalue"):
+                check_covariance(s, "bad")
+
+
+# ------------------------------------------------------------------ files: umask, temps, full disk
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_artifacts_honour_the_umask(tmp_path, capsys, root, umask):
+    old = os.umask(umask)
+    try:
+        code, out, err = run(capsys, "sample", root / "good.pt", "-n", 3, "--batch", 2, "--out", tmp_path / "s.npz",
+                             "--device", "cpu")
+        assert code == 0, err
+        code, out, err = run(capsys, "sample", root / "good.pt", "-n", 2, "--out", tmp_path / "png", "--device", "cpu")
+        assert code == 0, err
+        code, out, err = run(capsys, "eval", "ref", root / "images", "--out", tmp_path / "r.npz", "--detector",
+                             root / "det.pt", "--device", "cpu")
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "s.npz", tmp_path / "s.npz.json", tmp_path / "png" / "000000.png",
+              tmp_path / "png" / "samples.json", tmp_path / "r.npz"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
+
+
+def test_npz_output_removes_only_its_own_temp_files(tmp_path, capsys, root):
+    theirs = [tmp_path / ".tmp-checkpoint-0000010.pt.1a2b3c4d", tmp_path / ".tmp-abc.npy"]
+    mine = tmp_path / ".tmp-s.npz.deadbeef"
+    for p in theirs + [mine]:
+        p.write_bytes(b"half")
+    code, out, err = run(capsys, "sample", root / "good.pt", "-n", 2, "--out", tmp_path / "s.npz", "--device", "cpu")
+    assert code == 0, err
+    assert all(p.exists() for p in theirs) and not mine.exists()
+
+
+class Enospc:
+    """Fail every os.replace onto a final name matching `match` with ENOSPC: the state a full disk
+    leaves at the last step of an atomic write (the temp file written, the rename refused)."""
+
+    def __init__(self, monkeypatch, match: str):
+        real = os.replace
+
+        def replace(src, dst, *a, **k):
+            if Path(dst).match(match):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(src, dst, *a, **k)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("what,match,argv", [
+    ("npz chunk", "batch-*.npy", ["sample", "{R}/good.pt", "-n", "4", "--batch", "2", "--out", "{T}/s.npz"]),
+    ("png", "*.png", ["sample", "{R}/good.pt", "-n", "4", "--batch", "2", "--out", "{T}/png"]),
+    ("merged npz", "s.npz", ["sample", "{R}/good.pt", "-n", "4", "--batch", "2", "--out", "{T}/s.npz"]),
+    ("reference", "r.npz", ["eval", "ref", "{R}/images", "--out", "{T}/r.npz", "--detector", "{R}/det.pt"]),
+    ("manifest", "samples.json", ["sample", "{R}/good.pt", "-n", "4", "--out", "{T}/png"]),
+])
+def test_full_disk_is_one_line_and_leaves_nothing_half_written(what, match, argv, tmp_path, capsys, root,
+                                                               monkeypatch):
+    Enospc(monkeypatch, match)
+    args = [a.format(R=root, T=tmp_path) for a in argv] + ["--device", "cpu"]
+    code, out, err = run(capsys, *args)
+    assert_error_after_work(code, err, "No space left on device", "re-run the same command")
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]   # no temp left behind
+    assert not list(tmp_path.rglob(match))                                       # nothing under a final name
+    monkeypatch.undo()
+    code, out, err = run(capsys, *args)                                          # space freed: the rerun completes
+    assert code == 0, err
+
+
+# ------------------------------------------------------------------ detectors and weights
+
+def test_detector_output_never_reaches_json_stdout(root, capsys):
+    code, out, err = run(capsys, "eval", "fid", root / "images", "--ref", root / "images", "--detector",
+                         root / "det.pt", "--allow-small", "--json", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out)["metric"] == "fid" and len(out.splitlines()) == 1
+    assert "detector chatter on stdout" in err
+
+
+def test_inception_is_never_read_from_world_writable_or_unpinned_places(tmp_path, capsys, root, monkeypatch):
+    from scmctl.metrics import detectors as det_mod
+
+    assert all(not str(p).startswith("/tmp/") for p in det_mod.inception_weight_candidates()
+               if not str(p).startswith(str(det_mod.cache_dir())))
+    planted = tmp_path / "shared"
+    planted.mkdir()
+    (planted / det_mod.INCEPTION_FILE).write_bytes((root / "det.pt").read_bytes())  # runs code when loaded
+    monkeypatch.setenv("SCMCTL_CACHE", str(planted))
+    args = ("eval", "fid", root / "images", "--ref", root / "images", "--allow-small", "--device", "cpu")
+    os.chmod(planted, 0o1777)                                     # like /tmp
+    code, out, err = run(capsys, *args)
+    assert_one_line_error(code, err, "writable by other users")
+    os.chmod(planted, 0o700)                                      # private, but not the published file
+    code, out, err = run(capsys, *args)
+    assert_one_line_error(code, err, "sha256", det_mod.INCEPTION_SHA256[:12])
+    assert "detector chatter" not in err                          # refused before it could run
+
+
+def test_non_finite_samples_stop_with_the_first_bad_seed(tmp_path, capsys, root, monkeypatch):
+    import scmctl.sampling as sampling
+
+    real = sampling.generate
+
+    def poisoned(*a, **k):
+        x0, lab, extra = real(*a, **k)
+        x0[1:] = float("nan")                                     # every image after the first of the batch
+        return x0, lab, extra
+
+    monkeypatch.setattr(sampling, "generate", poisoned)
+    code, out, err = run(capsys, "sample", root / "good.pt", "-n", 4, "--batch", 4, "--seed", 10, "--out",
+                         tmp_path / "s", "--device", "cpu")
+    assert_one_line_error(code, err, "good.pt", "non-finite", "seed 11")
+    assert not list((tmp_path / "s").glob("*.png"))

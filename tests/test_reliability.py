@@ -423,3 +423,31 @@ def test_non_finite_samples_stop_with_the_first_bad_seed(tmp_path, capsys, root,
                          tmp_path / "s", "--device", "cpu")
     assert_one_line_error(code, err, "good.pt", "non-finite", "seed 11")
     assert not list((tmp_path / "s").glob("*.png"))
+
+
+def test_png_that_never_reached_the_disk_is_regenerated_on_resume(tmp_path, capsys, root):
+    out = tmp_path / "png"
+    code, _, err = run(capsys, "sample", root / "good.pt", "-n", 4, "--batch", 2, "--out", out, "--device", "cpu")
+    assert code == 0, err
+    full = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    (out / "000001.png").write_bytes(b"")                           # a power loss before the data blocks
+    (out / "000002.png").write_bytes(full["000002.png"][:40])       # a torn write
+    code, out_json, err = run(capsys, "sample", root / "good.pt", "-n", 4, "--batch", 2, "--out", out,
+                              "--device", "cpu", "--json")
+    assert code == 0 and json.loads(out_json)["generated"] == 4, err
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == full
+
+
+def test_downloaded_inception_with_another_sha256_is_not_kept(tmp_path, monkeypatch):
+    import urllib.request
+
+    from scmctl.errors import UsageError
+    from scmctl.metrics import detectors as det_mod
+
+    monkeypatch.setenv("SCMCTL_CACHE", str(tmp_path))
+    monkeypatch.delenv("SCMCTL_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(b"planted torchscript"))
+    with pytest.raises(UsageError, match="not the published"):
+        det_mod.download_weights(det_mod.INCEPTION_WEIGHTS)
+    assert list(tmp_path.iterdir()) == []

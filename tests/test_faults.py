@@ -162,3 +162,76 @@ def test_data_imagenet_survives_kill_9_at_random_moments(tmp_path):
     finish(cmd)
     _same_dataset(tmp_path / "ref", tmp_path / "killed" / "in")
     no_temps(tmp_path / "killed")
+
+
+# ------------------------------------------------------------------ training
+
+TRAIN_KILLS = 20
+TINY = ["--preset", "tiny", "--set", "data.resolution=8", "--set", "network.model_channels=8",
+        "--set", "network.channel_mult=[1]", "--set", "network.attn_resolutions=[8]",
+        "--set", "network.head_channels=8", "--set", "network.adaptive_weight_channels=8",
+        "--set", "train.checkpoint_every=3", "--set", "train.grid_every=0", "--set", "train.keep_checkpoints=2",
+        "--batch", "4", "--steps", "30"]
+
+
+def forked(argv, kill_after: float | None = None) -> int:
+    """Run `scmctl ARGV` in a forked child (torch already imported: no start-up cost), killed with
+    SIGKILL after `kill_after` seconds when given. Returns the child's wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: run the command, never return into pytest
+        code = 1
+        try:
+            import io as _io
+
+            sys.stdout = sys.stderr = _io.StringIO()
+            from scmctl.cli import main
+
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:
+            os._exit(code)
+    if kill_after is not None:
+        deadline = time.perf_counter() + kill_after
+        while time.perf_counter() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return 0  # finished before its kill
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+def _strip_timing(line: str) -> dict:
+    rec = json.loads(line)
+    rec.pop("images_per_s")  # wall-clock throughput: the one field that cannot repeat
+    return rec
+
+
+def test_train_survives_20_kill_9_in_a_row_and_logs_every_step(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    from scmctl.cli import main  # import here what the children would import, once: forks start warm
+
+    try:
+        main(["train", "--run-dir", str(tmp_path / "warm-up"), *TINY, "--steps", "1", "--json"])
+    except SystemExit:
+        pass
+    ref = tmp_path / "ref"
+    t0 = time.perf_counter()
+    assert forked(["train", "--run-dir", ref, *TINY]) == 0
+    span = time.perf_counter() - t0
+    run_dir = tmp_path / "killed"
+    rng = random.Random(7)
+    for _ in range(TRAIN_KILLS):
+        forked(["train", "--run-dir", run_dir, *TINY], kill_after=rng.uniform(0.0, span))
+    assert forked(["train", "--run-dir", run_dir, *TINY]) == 0
+    want = [_strip_timing(ln) for ln in (ref / "stats.jsonl").read_text().splitlines()]
+    got = [_strip_timing(ln) for ln in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == list(range(1, 31))
+    assert got == want
+    a = torch.load(ref / "checkpoint-0000030.pt", weights_only=True)
+    b = torch.load(run_dir / "checkpoint-0000030.pt", weights_only=True)
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]

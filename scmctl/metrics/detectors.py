@@ -218,11 +218,9 @@ def stdout_to_stderr():
 
 
 def _load_torchscript(path: Path, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    # Reviewed call site: TorchScript is code by design. Only files the user names (--detector,
-    # --inception) or a pinned-sha256 Inception from a private folder reach this.
     with warnings.catch_warnings(), stdout_to_stderr():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in torch 2.9+
-        return torch.jit.load(str(path), map_location=map_location)
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in torch 2.9+
+        return torch.jit.load(str(path), map_location=map_location)  # runs code: user-named or pinned files only
 
 
 class Detector:
@@ -338,7 +336,7 @@ class InceptionDetector(Detector):
         try:
             with warnings.catch_warnings(), stdout_to_stderr():
                 warnings.simplefilter("ignore", FutureWarning)
-                net = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow"))
+                net = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow"))  # clean-fid jit.loads the vetted file
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise UsageError(f"cannot load Inception weights {self.weights} ({first}): the file may be "

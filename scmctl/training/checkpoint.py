@@ -62,8 +62,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap
     mmap=True maps the file instead of reading it (processes of one node share the pages)."""
     p = resolve_path(path)
     try:
-        # Reviewed call site: weights_only=True rebuilds tensors and plain data only, never code.
-        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)  # safe: tensors/plain data only
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"{p}: refused to load: the file holds pickled objects other than tensors "

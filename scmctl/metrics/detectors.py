@@ -336,7 +336,8 @@ class InceptionDetector(Detector):
         try:
             with warnings.catch_warnings(), stdout_to_stderr():
                 warnings.simplefilter("ignore", FutureWarning)
-                net = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow"))  # clean-fid jit.loads the vetted file
+                # clean-fid torch.jit.loads the file find_inception_weights vetted (user-named or pinned)
+                net = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow"))
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise UsageError(f"cannot load Inception weights {self.weights} ({first}): the file may be "

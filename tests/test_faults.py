@@ -20,7 +20,11 @@ import numpy as np
 import pytest
 
 from test_data import _fake_cifar, _write_tar
+from test_metrics import save_standin
+from test_reliability import write_random_pngs
 from test_sample_scale import make_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (see conftest)
 
 
 def env1():
@@ -96,21 +100,8 @@ EVAL_REF_KILLS = 4
 
 
 def test_eval_ref_survives_kill_9_at_random_moments(tmp_path):
-    import torch
-
-    from scmctl.data.imageio import write_png
-
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(40):
-        write_png(images / f"{i:03d}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-
-    class Feat(torch.nn.Module):
-        def forward(self, x):
-            return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 2).flatten(1)
-
-    torch.jit.script(Feat()).save(str(tmp_path / "det.pt"))
+    images = write_random_pngs(tmp_path / "images", 40)
+    save_standin(tmp_path / "det.pt")
     args = ("eval", "ref", images, "--detector", tmp_path / "det.pt", "--batch", 2, "--features", 10, "--device", "cpu")
     span = timed(scmctl(*args, "--out", tmp_path / "ref.npz"))
     cmd = scmctl(*args, "--out", tmp_path / "killed" / "ref.npz")
@@ -183,13 +174,10 @@ def forked(argv, kill_after: float | None = None) -> int:
         try:
             import io as _io
 
-            sys.stdout = sys.stderr = _io.StringIO()
-            from scmctl.cli import main
+            from _cli import exit_code
 
-            main([str(a) for a in argv])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
+            sys.stdout = sys.stderr = _io.StringIO()
+            code = exit_code(*argv)
         finally:
             os._exit(code)
     if kill_after is not None:
@@ -212,12 +200,9 @@ def test_train_survives_20_kill_9_in_a_row_and_logs_every_step(tmp_path):
     import torch
 
     torch.set_num_threads(1)
-    from scmctl.cli import main  # import here what the children would import, once: forks start warm
+    from _cli import exit_code  # import here what the children would import, once: forks start warm
 
-    try:
-        main(["train", "--run-dir", str(tmp_path / "warm-up"), *TINY, "--steps", "1", "--json"])
-    except SystemExit:
-        pass
+    assert exit_code("train", "--run-dir", tmp_path / "warm-up", *TINY, "--steps", 1) == 0
     ref = tmp_path / "ref"
     t0 = time.perf_counter()
     assert forked(["train", "--run-dir", ref, *TINY]) == 0
@@ -235,3 +220,111 @@ def test_train_survives_20_kill_9_in_a_row_and_logs_every_step(tmp_path):
     b = torch.load(run_dir / "checkpoint-0000030.pt", weights_only=True)
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def _train(capsys, run_dir, *extra):
+    from _cli import run
+
+    return run(capsys, "train", "--run-dir", run_dir, *TINY, "--steps", 9, *extra)
+
+
+def _stats_of(run_dir) -> list[dict]:
+    return [_strip_timing(ln) for ln in (Path(run_dir) / "stats.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """stats.jsonl of an uninterrupted 9-step run (checkpoints at 3, 6, 9)."""
+    from _cli import exit_code
+
+    rd = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert exit_code("train", "--run-dir", rd, *TINY, "--steps", 9) == 0
+    return _stats_of(rd)
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp_path, capsys, uninterrupted):
+    rd = tmp_path / "run"
+    assert _train(capsys, rd)[0] == 0
+    latest = rd / "checkpoint-0000009.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])   # a torn write
+    code, out, err = _train(capsys, rd)
+    assert code == 0, err
+    assert "checkpoint-0000009.pt" in err and "checkpoint-0000006.pt" in err and "warning" in err
+    assert _stats_of(rd) == uninterrupted
+    from scmctl.training import checkpoint as ck
+
+    assert ck.load(latest)["step"] == 9                                    # rewritten whole
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed_and_only_those(tmp_path, capsys, uninterrupted):
+    rd = tmp_path / "run"
+    assert _train(capsys, rd, "--set", "train.checkpoint_every=3")[0] == 0
+    ours = [rd / ".tmp-checkpoint-0000012.pt.0badf00d", rd / ".tmp-stats.jsonl.12345678",
+            rd / ".tmp-config.yaml.abcdef01"]
+    theirs = [rd / ".tmp-notes.txt.00000000", rd / ".tmp-handmade"]
+    for p in ours + theirs:
+        p.write_bytes(b"half")
+    assert _train(capsys, rd)[0] == 0
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
+
+
+def test_log_behind_its_checkpoint_resumes_from_a_covered_checkpoint(tmp_path, capsys, uninterrupted):
+    rd = tmp_path / "run"
+    assert _train(capsys, rd)[0] == 0
+    lines = (rd / "stats.jsonl").read_text().splitlines(keepends=True)
+    (rd / "stats.jsonl").write_text("".join(lines[:7]))   # lost steps 8-9: checkpoint 9 is ahead of the log
+    code, out, err = _train(capsys, rd)
+    assert code == 0, err
+    assert "warning" in err and "stats.jsonl" in err
+    assert _stats_of(rd) == uninterrupted
+
+
+def test_sigterm_during_the_checkpoint_write(tmp_path, capsys, uninterrupted, monkeypatch):
+    from scmctl.training import checkpoint as ck
+
+    real = ck.save_atomic
+    calls = []
+
+    def save_and_get_terminated(obj, path):
+        calls.append(Path(path).name)
+        if len(calls) == 2:                      # while checkpoint 6 is being written
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(obj, path)
+
+    monkeypatch.setattr(ck, "save_atomic", save_and_get_terminated)
+    rd = tmp_path / "run"
+    code, out, err = _train(capsys, rd)
+    assert code == 0, err
+    assert "re-run the same command" in err
+    assert calls == ["checkpoint-0000003.pt", "checkpoint-0000006.pt", "checkpoint-0000007.pt"]
+    assert ck.load(rd / "checkpoint-0000007.pt")["step"] == 7
+    monkeypatch.undo()
+    assert _train(capsys, rd)[0] == 0
+    assert _stats_of(rd) == uninterrupted
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_the_previous_still_loads(tmp_path, capsys, uninterrupted,
+                                                                                 monkeypatch):
+    import errno
+
+    from scmctl.training import checkpoint as ck
+
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == "checkpoint-0000006.pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    rd = tmp_path / "run"
+    code, out, err = _train(capsys, rd)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("error:") and "No space left on device" in lines[-1], err
+    assert "Traceback" not in err and sum(ln.startswith("error:") for ln in lines) == 1
+    assert ck.load(rd / "checkpoint-0000003.pt")["step"] == 3
+    assert not (rd / "checkpoint-0000006.pt").exists()
+    assert not [p for p in rd.iterdir() if p.name.startswith(".tmp-")]
+    monkeypatch.undo()
+    assert _train(capsys, rd)[0] == 0
+    assert _stats_of(rd) == uninterrupted

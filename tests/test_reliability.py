@@ -26,17 +26,24 @@ from test_sample_scale import make_checkpoint
 from scmctl.data.imageio import read_image, read_image_adm, write_png
 from scmctl.training import checkpoint as ck
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (see conftest)
+
+
+def write_random_pngs(folder: Path, n: int, seed: int = 0) -> Path:
+    """`n` random 8x8 RGB PNGs named 000.png, 001.png, ..."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        write_png(folder / f"{i:03d}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    return folder
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """A tiny consistency checkpoint, images, a stand-in detector and reference statistics."""
     root = tmp_path_factory.mktemp("rel")
     make_checkpoint(root / "good.pt", 0)
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        write_png(images / f"{i:02d}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    write_random_pngs(root / "images", 6)
 
     class Feat(torch.nn.Module):
         def __init__(self):

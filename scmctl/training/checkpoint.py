@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,6 +43,26 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def latest(run_dir: str | os.PathLike) -> Path | None:
     c = checkpoints(run_dir)
     return c[-1] if c else None
+
+
+def load_resumable(run_dir: str | os.PathLike, usable: Callable[[int], str | None] = lambda step: None,
+                   map_location: str | torch.device = "cpu", mmap: bool = False) -> dict | None:
+    """The newest checkpoint of a run directory that loads and that ``usable(step)`` accepts (it
+    returns None, or why not), or None when there is none. A checkpoint that cannot be used (torn by
+    a crash on a file system without atomic rename, a disk error, NaN weights, ahead of the stats
+    log) is skipped with a one-line warning on stderr, and the one before it is tried."""
+    for p in reversed(checkpoints(run_dir)):
+        try:
+            ckpt = load(p, map_location=map_location, mmap=mmap)
+        except UsageError as e:
+            why = str(e).removeprefix(f"{p}: ")
+        else:
+            why = usable(int(ckpt["step"]))
+            if why is None:
+                return ckpt
+            del ckpt
+        print(f"warning: skipping {p} ({why[:200]}); trying the checkpoint before it", file=sys.stderr)
+    return None
 
 
 def resolve_path(path: str | os.PathLike) -> Path:

@@ -1,8 +1,11 @@
 """kill -9 at random moments, then the same command: the result equals an uninterrupted run's.
 
-Each test runs the command once uninterrupted (timing it), then K times killed with SIGKILL after a
-delay drawn uniformly from (0, that time) with a fixed seed, then once to completion, and compares
-the outputs byte for byte (arrays; metadata except creation times).
+Each test runs the command once in this process (which imports everything it needs: the forked
+runs below start warm, in milliseconds), once in a forked child uninterrupted (timing it: T), then
+K times in forked children killed with SIGKILL after a delay drawn uniformly from (0, 2T/K) with a
+fixed seed (the work before each kill carries over, so the kills spread over the whole run), then
+once to completion; the outputs are compared byte for byte (arrays;
+metadata except creation times and wall-clock throughput).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _cli import exit_code
 from test_data import _fake_cifar, _write_tar
 from test_metrics import save_standin
 from test_reliability import write_random_pngs
@@ -27,40 +30,50 @@ from test_sample_scale import make_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (see conftest)
 
 
-def env1():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def forked(argv, kill_after: float | None = None) -> int:
+    """Run `scmctl ARGV` in a forked child, killed with SIGKILL after `kill_after` seconds when
+    given. Returns the child's exit code (-9 when the kill landed)."""
+    pid = os.fork()
+    if pid == 0:  # the child: run the command, never return into pytest
+        code = 1
+        try:
+            import io
+
+            sys.stdout = sys.stderr = io.StringIO()
+            code = exit_code(*argv)
+        finally:
+            os._exit(code)
+    if kill_after is not None:
+        deadline = time.perf_counter() + kill_after
+        while time.perf_counter() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGKILL)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def scmctl(*args) -> list[str]:
-    return [sys.executable, "-m", "scmctl", *[str(a) for a in args]]
-
-
-def timed(cmd) -> float:
+def survives_kills(args, out_option: str, root: Path, name: str, kills: int, seed: int) -> tuple[Path, Path, int]:
+    """`scmctl ARGS OUT_OPTION root/{warm,ref,killed}/NAME`: warm-up in-process, the reference in a
+    fork (timed), `kills` forks killed at random moments, then the same command to the end.
+    Returns (reference output, resumed output, kills that landed before the command finished)."""
+    out = {k: root / k / name for k in ("warm", "ref", "killed")}
+    assert exit_code(*args, out_option, out["warm"]) == 0
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env1(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return time.perf_counter() - t0
-
-
-def kill_at_random(cmd, kills: int, span: float, seed: int) -> list[float]:
-    """Start `cmd` `kills` times, each killed with SIGKILL after U(0, span) seconds; the delays."""
+    assert forked([*args, out_option, out["ref"]]) == 0
+    span = time.perf_counter() - t0
     rng = random.Random(seed)
-    delays = []
-    for _ in range(kills):
-        delay = rng.uniform(0.0, span)
-        proc = subprocess.Popen(cmd, env=env1(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        delays.append(delay)
-    return delays
-
-
-def finish(cmd) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, env=env1(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "Traceback" not in r.stderr
-    return r
+    # Work done before each kill carries over, so delays of U(0, 2·span/kills) spread the kills
+    # over the whole run (start-up, work, the final writes) instead of leaving most runs complete.
+    codes = [forked([*args, out_option, out["killed"]], kill_after=rng.uniform(0.0, 2 * span / kills))
+             for _ in range(kills)]
+    assert set(codes) <= {0, -signal.SIGKILL}, codes
+    landed = codes.count(-signal.SIGKILL)
+    print(f"{' '.join(map(str, args[:2]))}: {landed} of {kills} kills landed (T = {span:.2f} s)")  # -s shows it
+    assert forked([*args, out_option, out["killed"]]) == 0
+    no_temps(root / "killed")
+    return out["ref"], out["killed"], landed
 
 
 def no_temps(folder: Path):
@@ -73,18 +86,15 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("faults") / "c.pt", 3)
 
 
-SAMPLE_KILLS = 5
+SAMPLE_KILLS = 10
 
 
 @pytest.mark.parametrize("fmt", ["png", "npz"])
 def test_sample_survives_kill_9_at_random_moments(fmt, ckpt, tmp_path):
-    name = "out.npz" if fmt == "npz" else "out"
     args = ("sample", ckpt, "-n", 48, "--batch", 2, "--device", "cpu")
-    span = timed(scmctl(*args, "--out", tmp_path / "ref" / name))
-    cmd = scmctl(*args, "--out", tmp_path / "killed" / name)
-    kill_at_random(cmd, SAMPLE_KILLS, span, seed=1 if fmt == "png" else 2)
-    finish(cmd)
-    ref, got = tmp_path / "ref" / name, tmp_path / "killed" / name
+    ref, got, landed = survives_kills(args, "--out", tmp_path, "out.npz" if fmt == "npz" else "out", SAMPLE_KILLS,
+                                      seed=1 if fmt == "png" else 2)
+    assert landed >= SAMPLE_KILLS // 2
     if fmt == "npz":
         with np.load(ref) as a, np.load(got) as b:
             assert sorted(a.files) == sorted(b.files)
@@ -93,28 +103,25 @@ def test_sample_survives_kill_9_at_random_moments(fmt, ckpt, tmp_path):
         names = sorted(p.name for p in ref.glob("*.png"))
         assert names == sorted(p.name for p in got.glob("*.png")) and len(names) == 48
         assert all((ref / n).read_bytes() == (got / n).read_bytes() for n in names)
-    no_temps(tmp_path / "killed")
 
 
-EVAL_REF_KILLS = 4
+EVAL_REF_KILLS = 8
 
 
 def test_eval_ref_survives_kill_9_at_random_moments(tmp_path):
     images = write_random_pngs(tmp_path / "images", 40)
-    save_standin(tmp_path / "det.pt")
-    args = ("eval", "ref", images, "--detector", tmp_path / "det.pt", "--batch", 2, "--features", 10, "--device", "cpu")
-    span = timed(scmctl(*args, "--out", tmp_path / "ref.npz"))
-    cmd = scmctl(*args, "--out", tmp_path / "killed" / "ref.npz")
-    kill_at_random(cmd, EVAL_REF_KILLS, span, seed=3)
-    finish(cmd)
-    with np.load(tmp_path / "ref.npz") as a, np.load(tmp_path / "killed" / "ref.npz") as b:
+    args = ("eval", "ref", images, "--detector", save_standin(tmp_path / "det.pt"), "--batch", 2, "--features", 10,
+            "--device", "cpu")
+    ref, got, landed = survives_kills(args, "--out", tmp_path, "ref.npz", EVAL_REF_KILLS, seed=3)
+    assert landed >= EVAL_REF_KILLS // 2
+    with np.load(ref) as a, np.load(got) as b:
+        assert sorted(a.files) == sorted(b.files)
         for k in a.files:
-            if k not in ("created", "data"):
+            if k != "created":
                 assert np.array_equal(a[k], b[k]), k
-    no_temps(tmp_path / "killed")
 
 
-DATA_KILLS = 3
+DATA_KILLS = 6
 
 
 def _same_dataset(a: Path, b: Path):
@@ -129,12 +136,9 @@ def test_data_cifar10_survives_kill_9_at_random_moments(tmp_path):
     _, blobs = _fake_cifar(np.random.default_rng(5), counts=(700, 700, 700, 700, 700), test_count=10)
     tar = tmp_path / "cifar-10-python.tar.gz"
     _write_tar(tar, blobs)
-    span = timed(scmctl("data", "cifar10", tar, "--out", tmp_path / "ref"))
-    cmd = scmctl("data", "cifar10", tar, "--out", tmp_path / "killed" / "c10")
-    kill_at_random(cmd, DATA_KILLS, span, seed=4)
-    finish(cmd)
-    _same_dataset(tmp_path / "ref", tmp_path / "killed" / "c10")
-    no_temps(tmp_path / "killed")
+    ref, got, landed = survives_kills(("data", "cifar10", tar), "--out", tmp_path, "c10", DATA_KILLS, seed=4)
+    assert landed >= DATA_KILLS // 2
+    _same_dataset(ref, got)
 
 
 def test_data_imagenet_survives_kill_9_at_random_moments(tmp_path):
@@ -143,16 +147,13 @@ def test_data_imagenet_survives_kill_9_at_random_moments(tmp_path):
     src = tmp_path / "src"
     rng = np.random.default_rng(6)
     for c in range(3):
+        (src / f"n0{c}").mkdir(parents=True)
         for i in range(400):
-            (src / f"n0{c}").mkdir(parents=True, exist_ok=True)
             write_png(src / f"n0{c}" / f"{i:04d}.png", rng.integers(0, 256, (12, 10, 3), dtype=np.uint8))
     args = ("data", "imagenet", src, "--resolution", 8, "--workers", 1)
-    span = timed(scmctl(*args, "--out", tmp_path / "ref"))
-    cmd = scmctl(*args, "--out", tmp_path / "killed" / "in")
-    kill_at_random(cmd, DATA_KILLS, span, seed=5)
-    finish(cmd)
-    _same_dataset(tmp_path / "ref", tmp_path / "killed" / "in")
-    no_temps(tmp_path / "killed")
+    ref, got, landed = survives_kills(args, "--out", tmp_path, "in", DATA_KILLS, seed=5)
+    assert landed >= DATA_KILLS // 2
+    _same_dataset(ref, got)
 
 
 # ------------------------------------------------------------------ training
@@ -165,31 +166,6 @@ TINY = ["--preset", "tiny", "--set", "data.resolution=8", "--set", "network.mode
         "--batch", "4", "--steps", "30"]
 
 
-def forked(argv, kill_after: float | None = None) -> int:
-    """Run `scmctl ARGV` in a forked child (torch already imported: no start-up cost), killed with
-    SIGKILL after `kill_after` seconds when given. Returns the child's wait status."""
-    pid = os.fork()
-    if pid == 0:  # the child: run the command, never return into pytest
-        code = 1
-        try:
-            import io as _io
-
-            from _cli import exit_code
-
-            sys.stdout = sys.stderr = _io.StringIO()
-            code = exit_code(*argv)
-        finally:
-            os._exit(code)
-    if kill_after is not None:
-        deadline = time.perf_counter() + kill_after
-        while time.perf_counter() < deadline:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return 0  # finished before its kill
-            time.sleep(0.002)
-        os.kill(pid, signal.SIGKILL)
-    return os.waitpid(pid, 0)[1]
-
-
 def _strip_timing(line: str) -> dict:
     rec = json.loads(line)
     rec.pop("images_per_s")  # wall-clock throughput: the one field that cannot repeat
@@ -199,27 +175,16 @@ def _strip_timing(line: str) -> dict:
 def test_train_survives_20_kill_9_in_a_row_and_logs_every_step(tmp_path):
     import torch
 
-    torch.set_num_threads(1)
-    from _cli import exit_code  # import here what the children would import, once: forks start warm
-
-    assert exit_code("train", "--run-dir", tmp_path / "warm-up", *TINY, "--steps", 1) == 0
-    ref = tmp_path / "ref"
-    t0 = time.perf_counter()
-    assert forked(["train", "--run-dir", ref, *TINY]) == 0
-    span = time.perf_counter() - t0
-    run_dir = tmp_path / "killed"
-    rng = random.Random(7)
-    for _ in range(TRAIN_KILLS):
-        forked(["train", "--run-dir", run_dir, *TINY], kill_after=rng.uniform(0.0, span))
-    assert forked(["train", "--run-dir", run_dir, *TINY]) == 0
+    ref, got, landed = survives_kills(("train", *TINY), "--run-dir", tmp_path, "run", TRAIN_KILLS, seed=7)
+    assert landed >= TRAIN_KILLS // 2
     want = [_strip_timing(ln) for ln in (ref / "stats.jsonl").read_text().splitlines()]
-    got = [_strip_timing(ln) for ln in (run_dir / "stats.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in got] == list(range(1, 31))
-    assert got == want
+    have = [_strip_timing(ln) for ln in (got / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in have] == list(range(1, 31))
+    assert have == want
     a = torch.load(ref / "checkpoint-0000030.pt", weights_only=True)
-    b = torch.load(run_dir / "checkpoint-0000030.pt", weights_only=True)
-    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
+    b = torch.load(got / "checkpoint-0000030.pt", weights_only=True)
+    for key in ("net", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
 
 
 def _train(capsys, run_dir, *extra):
@@ -235,8 +200,6 @@ def _stats_of(run_dir) -> list[dict]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """stats.jsonl of an uninterrupted 9-step run (checkpoints at 3, 6, 9)."""
-    from _cli import exit_code
-
     rd = tmp_path_factory.mktemp("uninterrupted") / "run"
     assert exit_code("train", "--run-dir", rd, *TINY, "--steps", 9) == 0
     return _stats_of(rd)

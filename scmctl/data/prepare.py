@@ -41,7 +41,7 @@ import numpy as np
 
 from scmctl.data.datasets import (DATASET_FORMAT, DATASET_JSON, DATASET_VERSION, is_prepared,
                                   load_dataset, read_metadata)
-from scmctl.fileio import write_json_atomic
+from scmctl.fileio import remove_stale_temps, write_json_atomic
 from scmctl.data.imageio import IMAGE_EXTENSIONS, list_image_files, read_image_adm
 from scmctl.errors import UsageError
 
@@ -260,6 +260,7 @@ class _Writer:
                 raise UsageError(f"{out}: exists and is not an empty folder; choose another --out")
         self._job = job
         if self.tmp.is_dir() and _read_json(self.tmp / "job.json") == json.loads(json.dumps(job)):
+            remove_stale_temps(self.tmp)  # OUT.partial is this job's own: a killed write's left-overs go
             progress = _read_json(self.tmp / "progress.json") or {}
             self.done = int(progress.get("done", 0))
             self.state.update(progress.get("state", {}))

@@ -25,6 +25,11 @@ from scmctl.errors import UsageError
 METHODS = ("diffusion", "sct", "scd")
 
 
+def model_kind(method: str) -> str:
+    """The kind of model a training method makes: 'diffusion' (the teacher) or 'consistency'."""
+    return "diffusion" if method == "diffusion" else "consistency"
+
+
 @dataclass
 class DataConfig:
     path: Optional[str] = None            # dataset path; "digits" = the built-in 8x8 digits

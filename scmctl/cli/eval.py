@@ -76,12 +76,13 @@ def _open(samples: str, *, detector: str, mode, inception, dinov2, download: boo
           num, seeds, repeat: int, steps, t_mid, guidance: float, solver, min_samples: int | None = None,
           metric: str = "FID"):
     """Validate the cheap things first, then (sets, generator, detector)."""
-    from scmctl.metrics import MIN_SAMPLES, load_detector, resolve_device
+    from scmctl.devices import select_device
+    from scmctl.metrics import MIN_SAMPLES, load_detector
     from scmctl.metrics.sources import sample_sets
 
     if batch < 1:
         raise UsageError(f"--batch {batch}: must be at least 1")
-    dev = resolve_device(device)
+    dev = select_device(device)
     sets, generator = sample_sets(samples, n=num, seeds=seeds, repeat=repeat, default_n=MIN_SAMPLES,
                                   generator_options=dict(steps=steps, t_mid=t_mid, guidance=guidance,
                                                          solver=solver, device=dev))
@@ -166,7 +167,8 @@ def ref_cmd(
     from pathlib import Path
 
     from scmctl.cli.common import console, emit_json
-    from scmctl.metrics import load_detector, resolve_device
+    from scmctl.devices import select_device
+    from scmctl.metrics import load_detector
     from scmctl.metrics.reference import compute_reference, save_reference
     from scmctl.metrics.sources import open_data_images, random_subset
 
@@ -182,7 +184,7 @@ def ref_cmd(
     if features < 0:
         raise UsageError(f"--features {features}: must be >= 0")
     source = random_subset(open_data_images(data), num, seed, "-n")
-    dev = resolve_device(device)
+    dev = select_device(device)
     det = load_detector(detector, mode, dev, _inception_path(inception, inception_weights),
                         dinov2_weights=dinov2, download=download)
     stats, kept = compute_reference(source, det, batch, features, seed)

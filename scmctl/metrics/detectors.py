@@ -185,19 +185,6 @@ def download_weights(spec: WeightsFile, timeout: float = DOWNLOAD_TIMEOUT_S) -> 
     return dest
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` = CUDA when available, else CPU; an unusable device is a UsageError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    return dev
-
-
 @contextlib.contextmanager
 def stdout_to_stderr():
     """Send what a detector prints (Python's sys.stdout and the process's fd 1) to stderr, so that

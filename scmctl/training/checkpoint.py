@@ -51,6 +51,7 @@ def load_resumable(run_dir: str | os.PathLike, usable: Callable[[int], str | Non
     returns None, or why not), or None when there is none. A checkpoint that cannot be used (torn by
     a crash on a file system without atomic rename, a disk error, NaN weights, ahead of the stats
     log) is skipped with a one-line warning on stderr, and the one before it is tried."""
+    skipped = False
     for p in reversed(checkpoints(run_dir)):
         try:
             ckpt = load(p, map_location=map_location, mmap=mmap)
@@ -59,9 +60,14 @@ def load_resumable(run_dir: str | os.PathLike, usable: Callable[[int], str | Non
         else:
             why = usable(int(ckpt["step"]))
             if why is None:
+                if skipped:
+                    print(f"warning: resuming from {p} instead", file=sys.stderr)
                 return ckpt
             del ckpt
-        print(f"warning: skipping {p} ({why[:200]}); trying the checkpoint before it", file=sys.stderr)
+        print(f"warning: skipping {p} ({why[:200]})", file=sys.stderr)
+        skipped = True
+    if skipped:
+        print(f"warning: no usable checkpoint in {run_dir}; starting over from step 0", file=sys.stderr)
     return None
 
 

@@ -178,6 +178,13 @@ BAD = [
      "nested too deeply"),
     ("preset not UTF-8", ["train", "--preset", "{R}/latin1.yaml", "--dry-run"], "not UTF-8"),
     ("preset 20k deep", ["train", "--preset", "{R}/deep.yaml", "--dry-run"], "nested too deeply"),
+    # train: the run directory
+    ("train --run-dir under /proc", ["train", "--preset", "tiny", "--steps", "1", "--run-dir", "/proc/scmctl/run"], "/proc"),
+    ("train --run-dir is a file", ["train", "--preset", "tiny", "--steps", "1", "--run-dir", "{R}/good.pt"], "not a folder"),
+    ("train config.yaml not UTF-8", ["train", "--preset", "tiny", "--steps", "1", "--run-dir", "{R}/run-latin1"],
+     "unreadable"),
+    ("train config.yaml 20k deep", ["train", "--preset", "tiny", "--steps", "1", "--run-dir", "{R}/run-deep"],
+     "unreadable"),
     # data
     ("data cifar10 non-archive", ["data", "cifar10", "{R}/fake.tar.gz", "--out", "{R}/c10"], "cannot read the archive"),
     ("data cifar10 --out under /proc", ["data", "cifar10", "{R}/fake.tar.gz", "--out", "/proc/c10"], "/proc"),
@@ -203,6 +210,9 @@ def places(root):
     (root / "latin1.yaml").write_bytes(b"train:\n  lr: \xe9\xff\n")
     (root / "deep.yaml").write_text("a: " + "[" * 20000 + "\n")
     (root / "fake.tar.gz").write_text("not an archive\n")
+    for name, text in (("run-latin1", b"train:\n  lr: \xe9\xff\n"), ("run-deep", b"a: " + b"[" * 20000 + b"\n")):
+        (root / name).mkdir()
+        (root / name / "config.yaml").write_bytes(text)
     p = {"R": str(root), "bomb": str(_bomb(root)), "pair": str(_refine_pair(root)), "nested": str(_nested(root))}
     for kind in ("negative", "asymmetric"):
         p[f"sigma-{kind}"] = str(_bad_sigma(kind)(root))

@@ -291,3 +291,26 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_the_previous_still_loads(
     monkeypatch.undo()
     assert _train(capsys, rd)[0] == 0
     assert _stats_of(rd) == uninterrupted
+
+
+def test_stats_lines_reach_the_disk_before_the_checkpoint_covering_them(tmp_path, capsys, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("rename", os.path.basename(dst)))
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert _train(capsys, tmp_path / "run")[0] == 0
+    monkeypatch.undo()
+    renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[1].startswith("checkpoint-")]
+    assert len(renames) == 3
+    for i in renames:  # the last event touching stats.jsonl before each checkpoint's rename is its fsync
+        before = [e for e in events[:i] if e[1] == "stats.jsonl"]
+        assert before and before[-1] == ("fsync", "stats.jsonl"), events[:i]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -297,6 +298,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise UsageError(f"--set {key}: value nested too deeply") from None
     return key, value
 
 
@@ -342,7 +345,12 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
     if name_or_path.endswith((".yaml", ".yml")) or p.exists():
         if not p.is_file():
             raise UsageError(f"{name_or_path}: no such preset file")
-        text = p.read_text()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{name_or_path}: not UTF-8 text (byte {e.start}); a preset is a YAML file") from None
+        except OSError as e:
+            raise UsageError(f"{name_or_path}: cannot read ({e.strerror or e.__class__.__name__})") from None
         where = str(p)
     else:
         res = _preset_root() / f"{name_or_path}.yaml"
@@ -357,6 +365,8 @@ def read_preset(name_or_path: str) -> dict[str, Any]:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"{where}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: YAML nested too deeply to be a preset") from None
     if not isinstance(data, dict):
         raise UsageError(f"{where}: a preset must be a YAML mapping")
     return data
@@ -406,6 +416,7 @@ def resolve(preset: str, method: str, overrides: list[str] = (), **fields: Any) 
 
 def validate(cfg: Config) -> None:
     """Choice fields and ranges; one clear message for the first problem found."""
+    validate_numbers(cfg)
     for key, choices in CHOICES.items():
         obj = cfg
         for p in key.split("."):
@@ -456,6 +467,42 @@ def validate(cfg: Config) -> None:
                          f"data.sigma_data ({cfg.data.sigma_data})")
     if not 0 < cfg.sample.t_mid < 1.5707963:
         raise UsageError(f"config key 'sample.t_mid' must be in (0, π/2), got {cfg.sample.t_mid}")
+
+
+# Sizes that must be positive (the >= checks above allow 0 where 0 means "off").
+POSITIVE = ("network.channel_mult", "network.channel_mult_emb", "network.head_channels",
+            "network.adaptive_weight_channels", "network.resolution", "network.channels",
+            "data.resolution", "sample.grid_images", "train.eps")
+
+
+def validate_numbers(cfg: Config) -> None:
+    """Every number finite (NaN passes every range check), sizes positive, Adam's betas in [0, 1),
+    non-negative rates and counts, a device torch can name."""
+    import math
+
+    flat = flatten(cfg.to_dict())
+    for key, val in flat.items():
+        for v in (val if isinstance(val, list) else [val]):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"config key '{key}' must be a finite number, got {v}")
+    for key in POSITIVE:
+        val = flat[key]
+        if any(v is not None and v <= 0 for v in (val if isinstance(val, list) else [val])):
+            raise UsageError(f"config key '{key}' must be > 0, got {val}")
+    for key in ("network.attn_resolutions", "train.lr_ref_steps", "train.lr_warmup_steps", "train.grad_clip",
+                "train.ema_sigma_rel", "train.ema_halflife_images", "train.seed", "train.grid_every",
+                "train.keep_checkpoints", "loss.tangent_warmup_steps", "loss.tangent_norm_c",
+                "network.dropout_max_resolution", "network.time_embedding_scale", "network.num_classes"):
+        val = flat[key]
+        if any(v is not None and v < 0 for v in (val if isinstance(val, list) else [val])):
+            raise UsageError(f"config key '{key}' must be >= 0, got {val}")
+    betas = cfg.train.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise UsageError(f"config key 'train.betas' must be two numbers in [0, 1), got {betas}")
+    if cfg.loss.P_std <= 0:
+        raise UsageError(f"config key 'loss.P_std' must be > 0, got {cfg.loss.P_std}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.train.device):
+        raise UsageError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got '{cfg.train.device}'")
 
 
 def diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:

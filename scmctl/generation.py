@@ -48,7 +48,6 @@ with other settings is refused, so one output never mixes two checkpoints.
 from __future__ import annotations
 
 import json
-import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -58,8 +57,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from scmctl.errors import UsageError
-from scmctl.fileio import sha256_file, write_atomic, write_json_atomic
+from scmctl.errors import UsageError, check_float
+from scmctl.fileio import remove_stale_temps, sha256_file, write_atomic, write_json_atomic
 
 # --------------------------------------------------------------------------------------------
 # The generator
@@ -125,7 +124,7 @@ class Generator:
 
         self.net, self.cfg, self.kind, self.device = net, cfg, kind, device
         self.steps, self.t_mid, self.ts, self.solver = steps, t_mid, ts, solver
-        self.guidance, self.label, self.weights = float(guidance), label, weights
+        self.guidance, self.label, self.weights = check_float(guidance, "--guidance", 0.0), label, weights
         self.checkpoint, self.checkpoint_sha256 = checkpoint, checkpoint_sha256
         self.shape = (cfg.network.channels, cfg.network.resolution, cfg.network.resolution)
         self.prefetch = torch.device(device).type != "cpu"  # draw the next noises on a thread
@@ -193,6 +192,11 @@ class Generator:
         x0, lab, _ = generate(self.net, self.kind, seeds, self.shape, self.cfg.data.sigma_data, self.steps,
                               self.t_mid, self.ts, self.solver, labels, self.guidance, self.device,
                               draws=draws if draws is not None else self.draws(seeds))
+        finite = torch.isfinite(x0.flatten(1)).all(dim=1)
+        if not bool(finite.all()):  # NaN would quantize to black and pass for an image
+            bad = seeds[int((~finite).nonzero()[0, 0])]
+            raise UsageError(f"{self.checkpoint}: the model produced non-finite images (first at seed {bad}); "
+                             "the checkpoint's weights or the sampling settings are unusable")
         images = decode_to_uint8(self.cfg.data, x0, self.device)
         return Batch(seeds, images, lab.cpu().numpy().astype(np.int64) if lab is not None else None)
 
@@ -247,12 +251,39 @@ def open_generator(model: str | os.PathLike, *, steps: Optional[int] = None, t_m
 # Sharding
 # --------------------------------------------------------------------------------------------
 
-def batch_plan(n: int, batch: int, rank: int = 0, world: int = 1) -> list[tuple[int, range]]:
+def batch_plan(n: int, batch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[int, range]]:
     """The global batches (index j, seed positions [j·batch, (j+1)·batch) ∩ [0, n)) that process
     ``rank`` of ``world`` runs: j = rank, rank + world, ... The batches do not depend on ``world``,
-    so every image is computed in the same batch whatever the number of processes."""
-    count = math.ceil(n / batch)
-    return [(j, range(j * batch, min((j + 1) * batch, n))) for j in range(rank, count, world)]
+    so every image is computed in the same batch whatever the number of processes. Lazy: a plan
+    for a huge n costs nothing until it is walked."""
+    count = -(-n // batch)
+    return ((j, range(j * batch, min((j + 1) * batch, n))) for j in range(rank, count, world))
+
+
+# Seeds seed torch.Generator (64-bit); images are counted in int64 arrays and 6+-digit file names.
+MAX_SEED = 2**63 - 1
+
+
+def check_count(n: int, seed: int, fmt: str, image_bytes: int, folder: Path) -> None:
+    """Refuse, before anything is written, an -n the output cannot hold: seeds past 2^63; for an
+    .npz more uint8 bytes than the file system has free (twice: chunks, then the merged file); for
+    PNGs more files than it has free inodes, or more than 67 bytes (the smallest PNG) each."""
+    import shutil
+
+    if seed < 0 or seed + n - 1 > MAX_SEED:
+        raise UsageError(f"--seed {seed} -n {n}: seeds must lie in [0, 2^63)")
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = 2 * n * image_bytes if fmt == "npz" else 67 * n
+    if need > free:
+        raise UsageError(f"-n {n}: {n} images need at least {need / 1e9:.3g} GB but {probe} has "
+                         f"{free / 1e9:.3g} GB free; lower -n or choose another --out")
+    st = os.statvfs(probe)
+    if fmt != "npz" and st.f_files and n > st.f_favail:
+        raise UsageError(f"-n {n}: {n} PNG files but the file system of {probe} has room for {st.f_favail} "
+                         "more files; use an .npz --out or another folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,11 +294,23 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
-def _remove_temp_files(folder: Path) -> None:
-    """Left-overs of an interrupted run: temporary files never carry a final name."""
-    if folder.is_dir():
-        for p in folder.glob(".tmp-*"):
-            p.unlink(missing_ok=True)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every complete PNG ends with
+
+
+def png_complete(path: Path) -> bool:
+    """True when ``path`` starts with the PNG signature and ends with the IEND chunk: PNGs are written
+    without fsync, so after a power loss a file can exist with its name but not its bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 8 + len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return head == PNG_SIGNATURE and f.read() == PNG_END
+    except OSError:
+        return False
 
 
 # Settings that decide what image a seed gets: an output written with other values is not resumed.
@@ -343,9 +386,14 @@ class PngFolder(_Output):
                              f"-n {manifest['n']} would leave the extra ones: use -n {old['n']} or another --out")
 
     def prepare(self, manifest: dict) -> None:
-        """Create the folder, drop temporary left-overs, record the manifest (one process)."""
+        """Create the folder, drop our own temporary left-overs (``.tmp-NNNNNN.png.*``), drop PNGs
+        whose bytes never reached the disk, record the manifest (one process)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        _remove_temp_files(self.out)
+        remove_stale_temps(self.out, "*.png")
+        remove_stale_temps(self.out, self.manifest_path.name)
+        for p in self.out.glob("[0-9]*.png"):
+            if not png_complete(p):
+                p.unlink(missing_ok=True)
         write_json_atomic(self.manifest_path, manifest)
 
     def pending(self, plan: Iterable[tuple[int, range]], seed: int) -> list[tuple[int, range]]:
@@ -429,8 +477,9 @@ class NpzParts(_Output):
         if self.complete:
             return
         self.parts.mkdir(exist_ok=True)
-        _remove_temp_files(self.parts)
-        _remove_temp_files(self.out.parent)
+        remove_stale_temps(self.parts)                        # NAME.npz.parts/ is this command's own
+        remove_stale_temps(self.out.parent, self.out.name)    # .tmp-NAME.npz.* only, never others'
+        remove_stale_temps(self.out.parent, self.manifest_path.name)
         write_json_atomic(self.manifest_path, manifest)
 
     def pending(self, plan: Iterable[tuple[int, range]], seed: int) -> list[tuple[int, range]]:
@@ -448,7 +497,7 @@ class NpzParts(_Output):
         _save_npy_atomic(self.chunk(j), np.ascontiguousarray(b.images))
 
     def _chunks(self, n: int, batch: int) -> list[int]:
-        js = list(range(math.ceil(n / batch)))
+        js = list(range(-(-n // batch)))
         missing = [j for j in js if not self.chunk(j).is_file()]
         if missing:
             raise UsageError(f"{self.parts}: {len(missing)} batch(es) missing (e.g. {self.chunk(missing[0]).name}); "

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from scmctl import trigflow
-from scmctl.errors import UsageError
+from scmctl.errors import UsageError, check_float
 
 
 def per_image_draws(seeds: Sequence[int], shape: tuple[int, ...], num_noises: int,
@@ -73,7 +73,7 @@ def consistency_times(steps: int, t_max: float, t_mid: float = 1.1,
     """The times of a K-step consistency sampler: [t_max] (1 step), [t_max, t_mid] (2 steps), or
     t_max followed by an explicit decreasing list."""
     if ts:
-        times = [float(x) for x in ts]
+        times = [check_float(x, "--ts", 0.0, open_lo=True) for x in ts]
         if times[0] > t_max + 1e-6:
             raise UsageError(f"--ts: times must be <= t_max = {t_max:.4f}")
         if any(b >= a for a, b in zip(times, times[1:])) or times[-1] <= 0:

@@ -3,13 +3,18 @@
 from scmctl.cli import main
 
 
-def run(capsys, *args):
-    """Run `scmctl ARGS` in-process: (exit code, stdout, stderr)."""
+def exit_code(*args) -> int:
+    """Run `scmctl ARGS` in-process; its exit code."""
     try:
         main([str(a) for a in args])
-        code = 0
+        return 0
     except SystemExit as e:
-        code = 0 if e.code is None else (e.code if isinstance(e.code, int) else 1)
+        return 0 if e.code is None else (e.code if isinstance(e.code, int) else 1)
+
+
+def run(capsys, *args):
+    """Run `scmctl ARGS` in-process: (exit code, stdout, stderr)."""
+    code = exit_code(*args)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -336,7 +336,6 @@ def test_missing_inception_weights_one_line_no_network(capsys, data, tmp_path, m
     cache = tmp_path / "cache"
     cache.mkdir()
     monkeypatch.setenv("SCMCTL_CACHE", str(cache))
-    monkeypatch.setattr(det_mod, "CLEANFID_WEIGHT_DIRS", (str(tmp_path / "cleanfid-tmp"),))
     code, out, err = run_cli(capsys, "eval", "fid", data["A"], "--ref", data["B"], "--allow-small", "--json")
     assert_one_line_error(code, err, INCEPTION_FILE, INCEPTION_URL, str(cache))
     assert out == "" and list(cache.iterdir()) == []
@@ -390,7 +389,6 @@ def cleanfid_features(files, weights_dir, mode):
 
 
 def test_inception_modes_reproduce_cleanfid(capsys, data, fake_inception, monkeypatch, no_network):
-    monkeypatch.setattr(det_mod, "CLEANFID_WEIGHT_DIRS", ())
     files = list_image_files(data["A"])[:6] + list_image_files(data["G"])[:4]  # RGB and grayscale
     images = [torch.from_numpy(read_image(f).copy()).permute(2, 0, 1)[None] for f in files]
     feats = {}
@@ -406,6 +404,7 @@ def test_inception_modes_reproduce_cleanfid(capsys, data, fake_inception, monkey
     # The CLI on the same stand-in, found through SCMCTL_CACHE, against a numpy/sqrtm FID of
     # clean-fid's features; the reported mode is the one used.
     monkeypatch.setenv("SCMCTL_CACHE", str(fake_inception.parent))
+    monkeypatch.setattr(det_mod, "INCEPTION_SHA256", det_mod.sha256_file(fake_inception))  # pin the stand-in
     assert find_inception_weights() == fake_inception
     a_files, b_files = list_image_files(data["A"])[:12], list_image_files(data["B"])[:12]
     sub_a, sub_b = data["root"] / "A12", data["root"] / "B12"

@@ -618,7 +618,6 @@ def test_offline_missing_weights_are_one_line_with_url(capsys, data, tmp_path, m
     cache.mkdir()
     monkeypatch.setenv("SCMCTL_CACHE", str(cache))
     monkeypatch.setenv(env, "1")
-    monkeypatch.setattr(det_mod, "CLEANFID_WEIGHT_DIRS", ())
     monkeypatch.setattr(det_mod, "DINOV2_WEIGHT_DIRS", ())
     for args, file, url in ((["fid"], INCEPTION_FILE, INCEPTION_URL), (["fd-dinov2"], DINOV2_FILE, DINOV2_URL),
                             (["kid"], INCEPTION_FILE, INCEPTION_URL), (["pr"], INCEPTION_FILE, INCEPTION_URL)):

@@ -210,7 +210,10 @@ def test_imagenet_tree_to_prepared_memmapped_dataset(tmp_path, capsys):
         else:
             with pytest.raises(UsageError, match="prepared at 16x16, not 8"):
                 load_dataset(out, res)
+    before = (out / "images.npy").read_bytes()
     code, _, err = run(capsys, "data", "imagenet", tmp_path / "train", "--out", out, "--resolution", RES)
+    assert code == 0 and (out / "images.npy").read_bytes() == before, err  # the same job: already done
+    code, _, err = run(capsys, "data", "imagenet", tmp_path / "train", "--out", out, "--resolution", 8)
     one_line_error(code, err, "already holds a prepared dataset")
     code, _, err = run(capsys, "data", "imagenet", tmp_path / "nope", "--out", tmp_path / "o")
     one_line_error(code, err, "nope: no such folder")

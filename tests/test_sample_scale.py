@@ -258,12 +258,13 @@ def test_png_folder_resume_after_lost_files_and_a_stray_temp_file(tmp_path, caps
     full = pngs(out)
     for k in (1, 2, 9, 12):  # batch 0 loses two images, batches 2 and 3 one each
         (out / f"{k:06d}.png").unlink()
-    (out / ".tmp-abc123.png").write_bytes(b"\x89PNG half")
+    (out / ".tmp-000001.png.abc12345").write_bytes(b"\x89PNG half")  # a killed writer's temp file
+    (out / ".tmp-notes.txt.abc12345").write_bytes(b"someone else's")    # not ours: kept
     s = sample_json(capsys, a, "-n", n, "--batch", b, "--out", out)
     assert s["generated"] == 4 + 4 + 1  # the three affected batches are recomputed whole
     again = pngs(out)
     assert list(again) == list(full) and all(np.array_equal(again[k], full[k]) for k in full)
-    assert not list(out.glob(".tmp-*"))
+    assert [p.name for p in out.glob(".tmp-*")] == [".tmp-notes.txt.abc12345"]
     assert len({im.tobytes() for im in again.values()}) == n
     # growing -n continues the same folder
     s = sample_json(capsys, a, "-n", n + 3, "--batch", b, "--out", out)

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="scmctl", standalone_mode=False)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        one_line = "; ".join(part.strip() for part in str(e).splitlines() if part.strip())
+        print(f"error: {one_line}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -31,9 +31,23 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
+class _Progress(Progress):
+    """A progress bar that vanishes when an exception ends it, so an error is the only line left."""
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.live.transient = True
+            if not self.console.is_terminal:
+                self.disable = self.live.console.quiet = True  # a pipe cannot erase: print nothing more
+        try:
+            return super().__exit__(exc_type, exc, tb)
+        finally:
+            self.live.console.quiet = False
+
+
 def progress(disable: bool = False) -> Progress:
     """A rich progress bar on stderr (training, sampling, feature extraction)."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -9,6 +9,7 @@ import typer
 
 from scmctl.cli import app
 from scmctl.errors import UsageError
+from scmctl.fileio import check_output_dir
 
 data_app = typer.Typer(help="Prepare datasets for training (written once, memory-mapped by train).",
                        no_args_is_help=True, add_completion=False)
@@ -34,6 +35,7 @@ def cifar10(archive: Path = typer.Argument(..., metavar="ARCHIVE",
     """CIFAR-10 from the official python archive: 32x32 RGB as stored, labels 0..9 (class names kept)."""
     from scmctl.data.prepare import prepare_cifar10
 
+    check_output_dir(out, "--out")
     with _bar("CIFAR-10") as cb:
         meta = prepare_cifar10(archive, out, split, on_progress=cb)
     _done(meta, out, json_out)
@@ -49,6 +51,7 @@ def imagenet(src: Path = typer.Argument(..., metavar="SRC",
     """Image folders -> ADM center crops (BOX halving, BICUBIC, center crop, no flips), labels by sorted folder."""
     from scmctl.data.prepare import prepare_images
 
+    check_output_dir(out, "--out")
     with _bar("cropping") as cb:
         meta = prepare_images(src, out, resolution, workers=workers, on_progress=cb)
     _done(meta, out, json_out)
@@ -80,6 +83,7 @@ def latents(src: Path = typer.Argument(..., metavar="SRC",
     """Images -> ADM crop -> SD-VAE posterior mean/std (raw, normalized at training time by latent_mean/std)."""
     from scmctl.data.prepare import prepare_latents
 
+    check_output_dir(out, "--out")
     with _bar("encoding") as cb:
         meta = prepare_latents(src, out, vae, resolution=resolution, batch=batch, device=device,
                                dtype=dtype, latent_mean=_floats(latent_mean, "--latent-mean"),

@@ -35,13 +35,14 @@ REF = typer.Option(
                        "(read without running code), or reference images (folder, array, dataset).")
 DETECTOR = typer.Option(
     "inception", "--detector", help="'inception' (TF-Inception pool3, 2048-d), 'dinov2' (ViT-L/14 CLS, "
-                                    "1024-d) or a TorchScript .pt mapping uint8 NCHW to (N, D) features.")
+                                    "1024-d) or a TorchScript .pt mapping uint8 NCHW to (N, D) features "
+                                    "(its code runs: use files you trust).")
 MODE = typer.Option(
     None, "--mode", help="Inception preprocessing: legacy_tensorflow (default; resize inside the network, as "
                          "EDM/sCM report) or clean (PIL bicubic to 299 first).")
 INCEPTION = typer.Option(
-    None, "--inception", help="Local inception-2015-12-05.pt (file or folder); else $SCMCTL_CACHE "
-                              "(~/.cache/scmctl), then clean-fid's /tmp copy (read only).")
+    None, "--inception", help="Local inception-2015-12-05.pt (file or folder; TorchScript: it runs as code); "
+                              "else $SCMCTL_CACHE (~/.cache/scmctl), only with the published sha256.")
 INCEPTION_OLD = typer.Option(None, "--inception-weights", hidden=True)
 DINOV2 = typer.Option(
     None, "--dinov2", help="Local dinov2_vitl14_pretrain.pth (file or folder); else $SCMCTL_CACHE "
@@ -178,6 +179,9 @@ def ref_cmd(
         raise UsageError(f"--out {out}: reference statistics are written as .npz; end the name with .npz")
     if Path(out).is_dir():
         raise UsageError(f"--out {out}: is a folder; give a file name ending in .npz")
+    from scmctl.fileio import check_output_file
+
+    check_output_file(out, "--out")  # before the hours of feature extraction, not after
     if features < 0:
         raise UsageError(f"--features {features}: must be >= 0")
     source = random_subset(open_data_images(data), num, seed, "-n")

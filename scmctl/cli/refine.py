@@ -16,7 +16,7 @@ import typer
 
 from scmctl.cli import app
 from scmctl.cli.common import console, emit_json, progress
-from scmctl.errors import UsageError
+from scmctl.errors import UsageError, check_float
 
 
 @app.command("refine")
@@ -41,13 +41,19 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
     from scmctl.generation import load_for_sampling, parse_label
     from scmctl.sampling import refine
 
+    from scmctl.fileio import check_output_dir
+
     if batch < 1:
         raise UsageError("--batch must be >= 1")
+    check_float(guidance, "--guidance", 0.0)
     files = list_image_files(input_dir)
+    out = out or default_out(model).with_name("refined")
+    targets = output_names(input_dir, files, out)
+    check_output_dir(out, "--out")
     net, cfg, kind, ckpt, dev = load_for_sampling(model, weights, device)
     times = list(t) or [cfg.sample.t_mid]
     for tt in times:
-        if not 0 < tt < 1.5707963:
+        if not 0 < tt < 1.5707963:  # NaN fails this test too
             raise UsageError(f"--t must be in (0, π/2), got {tt}")
     cls = parse_label(label, net.num_classes)
     latent = is_latent(cfg.data)
@@ -64,8 +70,6 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
             a = a.mean(axis=2, keepdims=True).round().astype(np.uint8) if ch == 1 else np.repeat(a, 3, axis=2)
         return a
 
-    out = out or default_out(model).with_name("refined")
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("refining", total=len(files), info="")
@@ -77,9 +81,8 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
             y = refine(net, kind, x0, seeds, times, cfg.data.sigma_data, cfg.sample.solver,
                        cfg.sample.solver_steps, labels, guidance)
             for f, img in zip(chunk, decode_to_uint8(cfg.data, y, dev)):
-                rel = f.relative_to(input_dir).with_suffix(".png")
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                write_png(out / rel, img)
+                targets[f].parent.mkdir(parents=True, exist_ok=True)
+                write_png(targets[f], img)
             bar.update(task, completed=start + len(chunk))
     summary = {"count": len(files), "out": str(out), "t": times, "kind": kind, "checkpoint": ckpt["path"],
                "resolution": pixel_res, "latent": latent, "time_s": round(time.perf_counter() - t0, 3)}
@@ -88,3 +91,24 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
     else:
         console.print(f"refined {len(files)} images (t = {', '.join(f'{x:g}' for x in times)}) into {out}")
         print(out)
+
+
+def output_names(input_dir: Path, files: list[Path], out: Path) -> dict[Path, Path]:
+    """Each input's output PNG (same relative path, suffix .png). Refused before any work: two inputs
+    that would share an output (x.png and x.jpg), and any output that is an input file (--out equal
+    to, or overlapping, the input folder): refine never overwrites what it reads."""
+    if out.resolve() == Path(input_dir).resolve():
+        raise UsageError(f"--out {out} is the input folder; choose another folder (refine never writes "
+                         "among its inputs)")
+    targets = {f: out / f.relative_to(input_dir).with_suffix(".png") for f in files}
+    seen: dict[Path, Path] = {}
+    for f, o in targets.items():
+        if o in seen:
+            raise UsageError(f"{seen[o]} and {f} would both be written as {o}; rename one of them")
+        seen[o] = f
+    inputs = {f.resolve() for f in files}
+    for f, o in targets.items():
+        if o.resolve() in inputs:
+            raise UsageError(f"--out {out}: refining {f} would overwrite the input {o.resolve()}; choose an "
+                             "output folder outside the inputs")
+    return targets

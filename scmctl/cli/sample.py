@@ -103,15 +103,23 @@ def sample_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR", help="Ch
 def _sample(model, n, steps, t_mid, ts_list, solver, label, guidance, seed, batch, out, fmt, grid, weights,
             device, json_out) -> None:
     from scmctl import distributed
-    from scmctl.generation import batch_plan, manifest_for, open_generator, open_output
+    from scmctl.fileio import check_output_dir, check_output_file
+    from scmctl.generation import batch_plan, check_count, manifest_for, open_generator, open_output
 
     fmt, out = _output_format(fmt, out, model)
+    if fmt == "npz":
+        check_output_file(out, "--out")
+    else:
+        check_output_dir(out, "--out")
+    if grid is not None:
+        check_output_file(grid, "--grid")
     d = distributed.init(device) if distributed.launched() else None
     rank, world = (d.rank, d.world) if d else (0, 1)
     try:
         gen = open_generator(model, steps=steps, t_mid=t_mid, ts=ts_list, solver=solver, guidance=guidance,
                              label=label, weights=weights, device=d.device if d else device)
         info = gen.info
+        check_count(n, seed, fmt, info["resolution"] ** 2 * info["channels"], out.parent if fmt == "npz" else out)
         manifest = manifest_for(info, seed, n, fmt, batch)
         output = open_output(out, fmt)
         output.check(manifest)  # every process: a refusal exits all of them before any barrier

@@ -10,6 +10,7 @@ import typer
 from scmctl.cli import app
 from scmctl.cli.common import console, emit_json
 from scmctl.errors import UsageError
+from scmctl.fileio import check_output_dir
 
 # Fields that may change between the first call and a resuming call on the same run directory.
 # The scale-out fields never change the optimization (train.batch does): a run may resume on
@@ -105,6 +106,7 @@ def _run(method: str, *, preset: str, data: Optional[str], run_dir: Optional[Pat
         return
 
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{Path(preset).stem}-{method}"
+    check_output_dir(run_dir, "--run-dir")  # before the dataset and the network, not at the first checkpoint
     _check_resume(run_dir, cfg)
 
     from scmctl.training.loop import train
@@ -168,9 +170,11 @@ def _check_resume(run_dir: Path, cfg) -> None:
     import yaml
 
     try:
-        old = config_mod.from_dict(yaml.safe_load(saved.read_text()))
+        old = config_mod.from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
     except UsageError as e:
         raise UsageError(f"{saved}: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError, OSError) as e:
+        raise UsageError(f"{saved}: unreadable ({e.__class__.__name__}); restore it or use a new --run-dir") from None
     changed = config_mod.diff(old, cfg, ignore=RESUMABLE_CHANGES)
     if changed:
         k = changed[0]

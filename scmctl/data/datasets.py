@@ -515,7 +515,8 @@ def _load_cifar(p: Path, split: str, from_tar: bool) -> ImageData:
                     if member.isfile() and base in wanted and base not in blobs:
                         blobs[base] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise UsageError(f"{p}: cannot read the archive ({type(e).__name__}: {e})") from None
+            raise UsageError(f"{p}: cannot read the archive ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'unreadable'})") from None
         if not any(b in blobs for b in CIFAR_TRAIN_BATCHES + CIFAR_TEST_BATCHES):
             raise UsageError(f"{p}: not the CIFAR-10 python archive (no data_batch_1..5 or "
                              f"test_batch inside); expected cifar-10-python.tar.gz")

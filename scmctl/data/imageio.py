@@ -33,19 +33,59 @@ def list_image_files(root: str | os.PathLike, recursive: bool = True) -> list[Pa
     return files
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """One image as uint8 HWC with C = 1 (grayscale) or 3 (RGB); unreadable files are UsageErrors."""
+GRAY_MODES = ("1", "L", "LA", "I", "F")  # plus I;16, I;16B, I;16L, I;16N
+
+
+def to_8bit(im):
+    """A PIL image as what it shows, in mode L (grayscale) or RGB:
+
+    - 16-bit grayscale (``I;16*``) and 32-bit ``I`` hold 0..65535: divided by 257 (65535 -> 255),
+      rounded; ``I`` values outside that range are clipped;
+    - ``F`` (float) holds 0..1: multiplied by 255, rounded, clipped;
+    - ``LA`` drops its alpha; palette images with transparency, ``PA`` and ``RGBA`` drop their alpha
+      after the palette lookup (the colour under the alpha, as ADM's convert("RGB") does); CMYK,
+      YCbCr, LAB and HSV are converted to RGB by Pillow.
+    """
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257.0
+        return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+    if mode == "F":
+        a = np.clip(np.nan_to_num(np.asarray(im, dtype=np.float64)), 0.0, 1.0) * 255.0
+        return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+    if mode in GRAY_MODES:
+        return im.convert("L")
+    if mode == "P" and "transparency" in im.info or mode == "PA":
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
+
+
+def _open_image(path):
+    """A loaded PIL image; anything Pillow refuses (format, truncation, decompression bomb) is a
+    one-line UsageError."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("L", "1", "I;16", "I", "F"):
-                arr = np.asarray(im.convert("L"))[:, :, None]
-            else:
-                arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        im = Image.open(path)
+        im.load()
+        return im
+    except Image.DecompressionBombError:
+        raise UsageError(f"{path}: refusing to decode an image of more than {2 * Image.MAX_IMAGE_PIXELS:,} "
+                         "pixels (a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UsageError(f"{path}: cannot read image ({e.__class__.__name__})") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One image as uint8 HWC with C = 1 (grayscale) or 3 (RGB), read as it shows (:func:`to_8bit`);
+    unreadable files are UsageErrors."""
+    with _open_image(path) as im:
+        arr = np.asarray(to_8bit(im))
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
@@ -72,16 +112,10 @@ def center_crop_adm(image, resolution: int) -> np.ndarray:
 
 
 def read_image_adm(path: str | os.PathLike, resolution: int) -> np.ndarray:
-    """An image file as RGB (grayscale, CMYK, palette and alpha converted like ADM does), ADM
-    center-cropped to uint8 (resolution, resolution, 3); unreadable files are UsageErrors."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f"{path}: cannot read image ({e.__class__.__name__})") from None
+    """An image file as RGB (every mode read as it shows, :func:`to_8bit`), ADM center-cropped to
+    uint8 (resolution, resolution, 3); unreadable files are UsageErrors."""
+    with _open_image(path) as im:
+        rgb = to_8bit(im).convert("RGB")
     return center_crop_adm(rgb, resolution)
 
 

@@ -15,7 +15,9 @@ preallocated as .npy memmaps, ``job.json`` = what is being made, ``progress.json
 entries are on disk, updated after each flushed chunk) and is renamed to ``OUT`` only once
 ``dataset.json`` is written, so ``OUT`` never exists half-written. Running the same command
 again after an interruption continues from ``progress.json``; a ``.partial`` folder of a
-different job is discarded and started over.
+different job is discarded and started over. A finished folder keeps the job as ``.job.json``, so
+the same command run once more (say, after a kill that landed just after the rename) reports the
+dataset and exits 0.
 
 Image folders: class subfolders (ImageNet synsets n01440764/...) give labels 0..K-1 in sorted
 folder-name order, images may be nested inside a class; a folder of images alone is unlabeled.
@@ -39,7 +41,7 @@ import numpy as np
 
 from scmctl.data.datasets import (DATASET_FORMAT, DATASET_JSON, DATASET_VERSION, is_prepared,
                                   load_dataset, read_metadata)
-from scmctl.fileio import write_json_atomic
+from scmctl.fileio import remove_stale_temps, write_json_atomic
 from scmctl.data.imageio import IMAGE_EXTENSIONS, list_image_files, read_image_adm
 from scmctl.errors import UsageError
 
@@ -230,6 +232,10 @@ def list_class_tree(src: str | os.PathLike) -> tuple[list[Path], Optional[np.nda
 
 # --- the atomic, resumable writer -----------------------------------------------------------------
 
+# Kept (hidden) in a finished folder: what was made, so the same command run again is a no-op.
+DONE_JOB = ".job.json"
+
+
 class _Writer:
     """Preallocated .npy memmaps in ``OUT.partial``; :meth:`commit` after each flushed chunk,
     :meth:`finish` writes dataset.json and renames the folder to ``OUT``."""
@@ -237,17 +243,27 @@ class _Writer:
     def __init__(self, out: Path, job: dict, arrays: dict, labels: Optional[np.ndarray],
                  state: Optional[dict] = None):
         self.out = out
+        self.tmp = out.with_name(out.name + ".partial")
+        job = {"format": DATASET_FORMAT, "version": DATASET_VERSION, **job,
+               "arrays": {k: [list(s), d] for k, (s, d) in arrays.items()}}
+        self.done, self.state = 0, dict(state or {})
+        self.complete = False
         if out.exists():
+            done_job = _read_json(out / DONE_JOB) if is_prepared(out) else None
+            if isinstance(done_job, dict) and done_job.get("job") == json.loads(json.dumps(job)):
+                # The same command already finished (e.g. killed after the rename): nothing to do.
+                self.complete, self.arrays = True, {}
+                self.done = next(iter(arrays.values()))[0][0]
+                self.state.update(done_job.get("state", {}))
+                return
             if is_prepared(out):
                 raise UsageError(f"{out}: already holds a prepared dataset; delete it or choose "
                                  f"another --out")
             if not out.is_dir() or any(out.iterdir()):
                 raise UsageError(f"{out}: exists and is not an empty folder; choose another --out")
-        self.tmp = out.with_name(out.name + ".partial")
-        job = {"format": DATASET_FORMAT, "version": DATASET_VERSION, **job,
-               "arrays": {k: [list(s), d] for k, (s, d) in arrays.items()}}
-        self.done, self.state = 0, dict(state or {})
+        self._job = job
         if self.tmp.is_dir() and _read_json(self.tmp / "job.json") == json.loads(json.dumps(job)):
+            remove_stale_temps(self.tmp)  # OUT.partial is this job's own: a killed write's left-overs go
             progress = _read_json(self.tmp / "progress.json") or {}
             self.done = int(progress.get("done", 0))
             self.state.update(progress.get("state", {}))
@@ -276,10 +292,13 @@ class _Writer:
         write_json_atomic(self.tmp / "progress.json", {"done": done, "state": self.state})
 
     def finish(self, meta: dict) -> dict:
+        if self.complete:
+            return read_metadata(self.out)
         for a in self.arrays.values():
             a.flush()
         self.arrays.clear()
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_json_atomic(self.tmp / DONE_JOB, {"job": self._job, "state": self.state})
         write_json_atomic(self.tmp / DATASET_JSON, meta)
         for name in ("job.json", "progress.json"):
             (self.tmp / name).unlink()

@@ -16,17 +16,26 @@ Three kinds exist:
   features, fed at native size (mode ``native``): for offline use and other domains.
 
 Weights are offline-first (:func:`find_weights`): an explicit ``--inception``/``--dinov2`` path,
-then ``$SCMCTL_CACHE`` (default ``~/.cache/scmctl``), then read-only copies other tools left behind.
-A missing file is one UsageError line naming the file, its public URL and where to put it; only
-``--download`` fetches it (into the cache, atomically, with a timeout), never with
+then ``$SCMCTL_CACHE`` (default ``~/.cache/scmctl``), then (DINOv2 only) torch.hub's checkpoints
+folder. A missing file is one UsageError line naming the file, its public URL and where to put it;
+only ``--download`` fetches it (into the cache, atomically, with a timeout), never with
 ``SCMCTL_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``.
+
+Trust. Inception weights are a TorchScript program: loading one runs the code inside it. A file
+found implicitly is used only from a place no other user can write (neither the file nor its folder
+world-writable, owned by us or root) and, for Inception, only when its sha256 is the published one
+(:data:`INCEPTION_SHA256`); clean-fid's /tmp copy is never read. ``--detector FILE.pt`` and
+``--inception FILE`` run the file the user names, like a Python plugin. Whatever a detector prints
+goes to stderr, so ``--json`` stdout stays one object.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-import platform
-import shutil
+import stat
+import sys
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -42,13 +51,12 @@ from scmctl.fileio import sha256_file, write_atomic  # noqa: F401  (sha256_file:
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  + INCEPTION_FILE)
+# sha256 of the published file (95,607,719 bytes), as pinned by k-diffusion (crowsonkb/k-diffusion,
+# evaluation.py): an implicitly found Inception file runs as code, so only this exact one is used.
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_MODES = ("legacy_tensorflow", "clean")
 DEFAULT_INCEPTION_MODE = "legacy_tensorflow"
 NATIVE_MODE = "native"
-
-# Where clean-fid itself downloads the weights (read-only use; a module attribute so tests can
-# switch the fallback off and never touch the real path).
-CLEANFID_WEIGHT_DIRS: tuple[str, ...] = ("./",) if platform.system() == "Windows" else ("/tmp",)
 
 DINOV2_FILE = "dinov2_vitl14_pretrain.pth"
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/" + DINOV2_FILE
@@ -69,7 +77,11 @@ class WeightsFile:
     option: str
 
     def extra_dirs(self) -> tuple[str, ...]:
-        return CLEANFID_WEIGHT_DIRS if self.file == INCEPTION_FILE else DINOV2_WEIGHT_DIRS
+        """Read-only folders other tools download into; none for Inception (clean-fid's is /tmp)."""
+        return () if self.file == INCEPTION_FILE else DINOV2_WEIGHT_DIRS
+
+    def pinned_sha256(self) -> str | None:
+        return INCEPTION_SHA256 if self.file == INCEPTION_FILE else None
 
 
 INCEPTION_WEIGHTS = WeightsFile("Inception", INCEPTION_FILE, INCEPTION_URL, "--inception")
@@ -112,7 +124,7 @@ def find_weights(spec: WeightsFile, explicit: str | os.PathLike | None = None,
         return p
     for p in weight_candidates(spec):
         if p.is_file():
-            return p
+            return check_found_weights(spec, p)
     if download and not offline():
         return download_weights(spec)
     where = (f"download {spec.url} and put it in {cache_dir()}/ (or set SCMCTL_CACHE=DIR, or pass "
@@ -121,6 +133,22 @@ def find_weights(spec: WeightsFile, explicit: str | os.PathLike | None = None,
         raise UsageError(f"{spec.what} weights {spec.file} not found and offline mode is on "
                          f"(SCMCTL_OFFLINE/HF_HUB_OFFLINE): {where})")
     raise UsageError(f"{spec.what} weights {spec.file} not found: {where}, or add --download)")
+
+
+def check_found_weights(spec: WeightsFile, p: Path) -> Path:
+    """An implicitly found weights file, refused when another user could have planted it (it or its
+    folder world-writable, or owned by someone else) or, for Inception, when it is not the
+    published file."""
+    for q in (p, p.parent):
+        st = q.stat()
+        if st.st_mode & stat.S_IWOTH or st.st_uid not in (os.getuid(), 0):
+            raise UsageError(f"refusing {p}: {q} is writable by other users or owned by another user; "
+                             f"keep {spec.file} in a folder only you can write, or pass {spec.option} FILE")
+    want = spec.pinned_sha256()
+    if want is not None and sha256_file(p) != want:
+        raise UsageError(f"refusing {p}: its sha256 is not the published {want[:12]}...; delete it and "
+                         f"download {spec.url} again (or pass {spec.option} FILE to use it anyway)")
+    return p
 
 
 def find_inception_weights(explicit: str | os.PathLike | None = None, download: bool = False) -> Path:
@@ -137,19 +165,49 @@ def download_weights(spec: WeightsFile, timeout: float = DOWNLOAD_TIMEOUT_S) -> 
         raise UsageError(f"refusing to download {spec.url}: offline mode is on (SCMCTL_OFFLINE/HF_HUB_OFFLINE)")
     dest = cache_dir() / spec.file
     dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def copy_checked(r, f):
+        h = hashlib.sha256()
+        for block in iter(lambda: r.read(1 << 20), b""):
+            h.update(block)
+            f.write(block)
+        want = spec.pinned_sha256()
+        if want is not None and h.hexdigest() != want:  # raised inside the write: nothing is renamed
+            raise UsageError(f"downloaded {spec.url} has sha256 {h.hexdigest()[:12]}..., not the published "
+                             f"{want[:12]}...; nothing was kept")
+
     try:
         with urllib.request.urlopen(spec.url, timeout=timeout) as r:
-            write_atomic(dest, lambda f: shutil.copyfileobj(r, f, 1 << 20))
+            write_atomic(dest, lambda f: copy_checked(r, f))
     except (URLError, OSError, TimeoutError) as e:
         raise UsageError(f"cannot download {spec.url} ({e.__class__.__name__}: {str(e)[:120]}): download "
                          f"it yourself and put it in {dest.parent}/") from None
     return dest
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send what a detector prints (Python's sys.stdout and the process's fd 1) to stderr, so that
+    ``--json`` leaves exactly one object on stdout."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except (OSError, ValueError):
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _load_torchscript(path: Path, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in torch 2.9+
-        return torch.jit.load(str(path), map_location=map_location)
+    with warnings.catch_warnings(), stdout_to_stderr():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in torch 2.9+
+        return torch.jit.load(str(path), map_location=map_location)  # runs code: user-named or pinned files only
 
 
 class Detector:
@@ -183,7 +241,7 @@ class Detector:
         elif images.shape[1] != 3:
             raise UsageError(f"images have {images.shape[1]} channels; expected 1 (grayscale) or 3 (RGB)")
         n = images.shape[0]
-        with torch.no_grad():
+        with torch.no_grad(), stdout_to_stderr():
             f = self._features(images.contiguous().to(self.device))
         if not isinstance(f, torch.Tensor) or f.ndim != 2 or f.shape[0] != n:
             shape = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
@@ -263,8 +321,9 @@ class InceptionDetector(Detector):
             os.symlink(self.weights.resolve(), Path(tmp.name) / INCEPTION_FILE)
             folder = Path(tmp.name)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), stdout_to_stderr():
                 warnings.simplefilter("ignore", FutureWarning)
+                # clean-fid torch.jit.loads the file find_inception_weights vetted (user-named or pinned)
                 net = InceptionV3W(str(folder), download=False, resize_inside=(mode == "legacy_tensorflow"))
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__

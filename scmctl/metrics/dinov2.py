@@ -177,7 +177,7 @@ def load_dinov2(path: str | os.PathLike, num_heads: int | None = None) -> DinoVi
     """A :class:`DinoViT` from a local state dict file, loaded with ``weights_only=True``."""
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # safe: tensors/plain data only
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         raise UsageError(f"{path}: refused to load: not a plain state dict of tensors ({first})") from None

@@ -136,7 +136,28 @@ def _checked_stats(p: Path, mu, sigma) -> tuple[np.ndarray, np.ndarray]:
         raise UsageError(f"{p}: expected mu (D,) and sigma (D, D); got {mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise UsageError(f"{p}: mu/sigma contain NaN or Inf")
+    check_covariance(sigma, p)
     return mu, sigma
+
+
+# Relative tolerance of the covariance checks: float32 feature sums leave asymmetries and negative
+# eigenvalues around 1e-7 of the scale; a damaged or hand-made sigma is off by far more.
+COVARIANCE_RTOL = 1e-5
+
+
+def check_covariance(sigma: np.ndarray, where) -> None:
+    """A covariance matrix is symmetric positive semi-definite: |Σ − Σᵀ| ≤ rtol·max|Σ| and every
+    eigenvalue ≥ −rtol·λ_max. Anything else makes the Fréchet distance meaningless (a negative
+    eigenvalue can even give FID 0)."""
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    if scale == 0.0:
+        return  # identical images: a valid (if useless) zero covariance
+    if float(np.abs(sigma - sigma.T).max()) > COVARIANCE_RTOL * scale:
+        raise UsageError(f"{where}: sigma is not symmetric; not a covariance matrix")
+    eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eig[0] < -COVARIANCE_RTOL * max(float(eig[-1]), scale):
+        raise UsageError(f"{where}: sigma has a negative eigenvalue ({eig[0]:.3g}, largest {eig[-1]:.3g}); "
+                         "not a covariance matrix")
 
 
 def read_pickled_arrays(path: Path):

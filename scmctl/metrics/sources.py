@@ -34,9 +34,16 @@ MODEL_SUFFIXES = (".pt", ".pth", ".ckpt")
 # Seeds
 # --------------------------------------------------------------------------------------------
 
+# Seeds per evaluated set: 200x the 50k protocol; a larger plan would only exhaust memory.
+MAX_SET_SIZE = 10_000_000
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``0-49999`` or ``1,2,10-19`` (inclusive ranges) -> a list of distinct seeds, in order."""
-    seeds: list[int] = []
+    """``0-49999`` or ``1,2,10-19`` (inclusive ranges) -> a list of distinct seeds, in order
+    (at most :data:`MAX_SET_SIZE`, counted before any list is built)."""
+    from scmctl.generation import MAX_SEED
+
+    ranges: list[range] = []
     for part in str(text).split(","):
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
@@ -45,7 +52,12 @@ def parse_seeds(text: str) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise UsageError(f"--seeds {text}: range {part} is empty (write it low-high)")
-        seeds.extend(range(lo, hi + 1))
+        if hi > MAX_SEED:
+            raise UsageError(f"--seeds {text}: seeds must be below 2^63")
+        ranges.append(range(lo, hi + 1))
+        if sum(len(r) for r in ranges) > MAX_SET_SIZE:
+            raise UsageError(f"--seeds {text}: more than {MAX_SET_SIZE:,} seeds in one set")
+    seeds = [s for r in ranges for s in r]
     if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {text}: a seed is listed twice")
     return seeds
@@ -53,7 +65,12 @@ def parse_seeds(text: str) -> list[int]:
 
 def seed_sets(base: list[int], repeat: int) -> list[list[int]]:
     """``repeat`` disjoint seed sets: set k = base + k·(max − min + 1)."""
+    from scmctl.generation import MAX_SEED
+
     span = max(base) - min(base) + 1
+    if len(base) * repeat > MAX_SET_SIZE or max(base) + (repeat - 1) * span > MAX_SEED:
+        raise UsageError(f"--repeat {repeat} x {len(base)} seeds: more than {MAX_SET_SIZE:,} images or "
+                         "seeds past 2^63")
     return [[s + k * span for s in base] for k in range(repeat)]
 
 
@@ -181,6 +198,8 @@ def sample_sets(samples: str, *, n: int | None, seeds: str | None, repeat: int, 
             if len(base) < 2:
                 raise UsageError(f"--seeds {seeds}: need at least 2 seeds")
         else:
+            if n is not None and n > MAX_SET_SIZE:
+                raise UsageError(f"-n {n}: at most {MAX_SET_SIZE:,} generated samples per set")
             base = list(range(n if n is not None else default_n))
         generator = open_generator(samples, **generator_options)
         return [GeneratedSource(samples, generator, s) for s in seed_sets(base, repeat)], generator

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,6 +45,32 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
     return c[-1] if c else None
 
 
+def load_resumable(run_dir: str | os.PathLike, usable: Callable[[int], str | None] = lambda step: None,
+                   map_location: str | torch.device = "cpu", mmap: bool = False) -> dict | None:
+    """The newest checkpoint of a run directory that loads and that ``usable(step)`` accepts (it
+    returns None, or why not), or None when there is none. A checkpoint that cannot be used (torn by
+    a crash on a file system without atomic rename, a disk error, NaN weights, ahead of the stats
+    log) is skipped with a one-line warning on stderr, and the one before it is tried."""
+    skipped = False
+    for p in reversed(checkpoints(run_dir)):
+        try:
+            ckpt = load(p, map_location=map_location, mmap=mmap)
+        except UsageError as e:
+            why = str(e).removeprefix(f"{p}: ")
+        else:
+            why = usable(int(ckpt["step"]))
+            if why is None:
+                if skipped:
+                    print(f"warning: resuming from {p} instead", file=sys.stderr)
+                return ckpt
+            del ckpt
+        print(f"warning: skipping {p} ({why[:200]})", file=sys.stderr)
+        skipped = True
+    if skipped:
+        print(f"warning: no usable checkpoint in {run_dir}; starting over from step 0", file=sys.stderr)
+    return None
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """A checkpoint file, or a run directory's latest checkpoint."""
     p = Path(path)
@@ -62,7 +89,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap
     mmap=True maps the file instead of reading it (processes of one node share the pages)."""
     p = resolve_path(path)
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)  # safe: tensors/plain data only
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"{p}: refused to load: the file holds pickled objects other than tensors "
@@ -73,8 +100,34 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap
         raise UsageError(f"{p}: not an scmctl checkpoint")
     if ckpt.get("version", 0) > VERSION:
         raise UsageError(f"{p}: checkpoint version {ckpt.get('version')} is newer than this scmctl")
+    check_contents(ckpt, p)
     ckpt["path"] = str(p)
     return ckpt
+
+
+KINDS = ("consistency", "diffusion")
+REQUIRED = {"kind": str, "step": int, "config": dict, "net": dict, "ema": dict}
+
+
+def check_contents(ckpt: dict, where: str | os.PathLike) -> None:
+    """Refuse at load what would otherwise sample garbage later: a missing or mistyped entry, an
+    unknown ``kind``, a weight that is not a tensor or not finite (NaN weights give black images)."""
+    for key, tp in REQUIRED.items():
+        if key not in ckpt:
+            raise UsageError(f"{where}: checkpoint has no '{key}' entry (damaged or not written by scmctl train)")
+        if not isinstance(ckpt[key], tp) or isinstance(ckpt[key], bool):
+            raise UsageError(f"{where}: checkpoint entry '{key}' is a {type(ckpt[key]).__name__}, not a {tp.__name__}")
+    if ckpt["kind"] not in KINDS:
+        raise UsageError(f"{where}: unknown checkpoint kind '{ckpt['kind'][:40]}' (expected {' or '.join(KINDS)})")
+    if ckpt["step"] < 0:
+        raise UsageError(f"{where}: checkpoint step {ckpt['step']} is negative")
+    for part in ("net", "ema"):
+        for name, value in ckpt[part].items():
+            if not isinstance(value, torch.Tensor):
+                raise UsageError(f"{where}: '{part}' entry {name} is not a tensor")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise UsageError(f"{where}: weight {part}.{name} holds NaN or Inf; the checkpoint is unusable "
+                                 "(resume from an earlier one)")
 
 
 def load_state(module: torch.nn.Module, state: dict, where: str, allow_missing: tuple[str, ...] = ()) -> None:

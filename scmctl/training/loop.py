@@ -66,7 +66,7 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[ImageNetwork] =
 
     torch.manual_seed(tc.seed)
     net = build_network(cfg.network, device).train()
-    state = run.resume_state()
+    state = run.resume_state(tc.log_every)
     if state is not None:
         ckpt_io.load_state(net, state["net"], state["path"])
     elif init_state is not None:

@@ -2,12 +2,13 @@
 grids, and the stop request (SIGTERM/SIGINT) that ends a run with a checkpoint.
 
 Only rank 0 writes; the run directory must be on a file system every process sees. Resume = run
-the same command again: :meth:`RunDir.resume_state` finds the latest checkpoint.
+the same command again: :meth:`RunDir.resume_state` finds the newest usable checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -16,35 +17,65 @@ import torch
 from scmctl import distributed
 from scmctl.config import Config, model_kind
 from scmctl.data.imageio import save_grid
-from scmctl.fileio import write_text_atomic
+from scmctl.fileio import remove_stale_temps, write_text_atomic
 from scmctl.nn.base import ImageNetwork
 from scmctl.training import checkpoint as ckpt_io
 from scmctl.training.parallel import FullState
 
 
 class StatsLog:
-    """stats.jsonl: one JSON object per logged step. On resume, lines after the checkpoint's step
-    are dropped (they are recomputed identically)."""
+    """stats.jsonl: one JSON object per logged step.
+
+    The log never falls behind the checkpoint a run resumes from: :meth:`sync` (flush + fsync)
+    runs before every checkpoint is renamed into place, so a kill at any moment leaves at least
+    the lines of the steps the newest checkpoint covers. On resume, lines after the checkpoint's
+    step (they are recomputed identically) and a line cut off by a crash are dropped.
+    """
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    pass  # a line cut off by a crash
-            write_text_atomic(path, "".join(line + "\n" for line in keep))
-        self.f = open(path, "a")
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            keep = [line for line in lines if (step := _step_of(line)) is not None and step <= resume_step]
+            if keep != lines or not path.read_bytes().endswith(b"\n"):
+                write_text_atomic(path, "".join(line + "\n" for line in keep))
+        self.f = open(path, "a", encoding="utf-8")
 
     def write(self, obj: dict) -> None:
         self.f.write(json.dumps(obj) + "\n")
         self.f.flush()
 
+    def sync(self) -> None:
+        """The lines written so far are on disk."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
     def close(self) -> None:
         self.f.close()
+
+
+def _step_of(line: str) -> Optional[int]:
+    """The step of a stats.jsonl line; None for a line cut off by a crash."""
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def logged_steps(path: Path) -> set[int]:
+    """The steps stats.jsonl has a line for."""
+    if not path.exists():
+        return set()
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return {s for line in lines if (s := _step_of(line)) is not None}
+
+
+def log_gap(logged: set[int], step: int, log_every: int) -> Optional[str]:
+    """None when the log has every line a run reaching `step` writes (each multiple of
+    `log_every`), else which one is missing."""
+    missing = next((k for k in range(log_every, step + 1, log_every) if k not in logged), None)
+    return None if missing is None else f"stats.jsonl has no line for step {missing}"
 
 
 class StopRequest:
@@ -79,20 +110,29 @@ class RunDir:
 
     def __init__(self, path: str | Path, dist: distributed.Dist):
         self.path, self.dist, self.main = Path(path), dist, dist.is_main
+        self.stats: Optional[StatsLog] = None
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
+            for name in ("checkpoint-*.pt", "grid-*.png", "stats.jsonl", "config.yaml"):
+                remove_stale_temps(self.path, name)  # a killed writer's left-overs; only our names
 
-    def resume_state(self) -> Optional[dict]:
-        """The latest checkpoint (rank 0 picks it: every process resumes from the same one), or
-        None for a new run. Several processes map it from the CPU."""
-        latest = ckpt_io.latest(self.path) if self.main else None
-        if self.dist.world > 1:
-            latest = distributed.broadcast_object(None if latest is None else str(latest))
-        if latest is None:
+    def resume_state(self, log_every: int) -> Optional[dict]:
+        """The newest checkpoint that loads and that stats.jsonl covers (rank 0 picks it: every
+        process resumes from the same one), or None for a new run. A torn or invalid checkpoint,
+        or one ahead of the log, is skipped with a warning for the one before it. Several
+        processes map it from the CPU."""
+        state = None
+        if self.main:
+            logged = logged_steps(self.path / "stats.jsonl")
+            state = ckpt_io.load_resumable(self.path, lambda step: log_gap(logged, step, log_every),
+                                           map_location=self.dist.device if self.dist.world == 1 else "cpu",
+                                           mmap=self.dist.world > 1)
+        if self.dist.world == 1:
+            return state
+        chosen = distributed.broadcast_object(None if state is None else state["path"])
+        if chosen is None:
             return None
-        state = (ckpt_io.load(latest, map_location=self.dist.device) if self.dist.world == 1 else
-                 ckpt_io.load(latest, map_location="cpu", mmap=True))
-        return state
+        return state if self.main else ckpt_io.load(chosen, map_location="cpu", mmap=True)
 
     def write_config(self, cfg: Config) -> None:
         """config.yaml: the run's resolved config (resuming may have raised train.steps)."""
@@ -100,13 +140,18 @@ class RunDir:
             write_text_atomic(self.path / "config.yaml", cfg.to_yaml())
 
     def stats_log(self, start: int) -> Optional[StatsLog]:
-        return StatsLog(self.path / "stats.jsonl", start) if self.main else None
+        if self.main:
+            self.stats = StatsLog(self.path / "stats.jsonl", start)
+        return self.stats
 
     def save_checkpoint(self, cfg: Config, step: int, full: FullState) -> Optional[Path]:
-        """checkpoint-STEP.pt (atomic), then prune to train.keep_checkpoints."""
+        """checkpoint-STEP.pt (atomic, after the stats lines it covers are on disk), then prune to
+        train.keep_checkpoints."""
         net, ema, opt = full.net(), full.ema_state(), full.optimizer()  # collectives under FSDP2
         if not self.main:
             return None
+        if self.stats is not None:
+            self.stats.sync()
         path = self.path / f"checkpoint-{step:07d}.pt"
         ckpt_io.save_atomic({
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": model_kind(cfg.method),

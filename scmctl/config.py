@@ -446,8 +446,6 @@ def validate(cfg: Config) -> None:
     if cfg.data.augment_p > 0 and not cfg.network.augment_dim:
         raise UsageError(f"data.augment_p > 0 needs network.augment_dim={AUGMENT_DIM}: the network must see what "
                          "the augmentation did, or the augmentation leaks into the samples")
-    if t.lr_rampup_images < 0:
-        raise UsageError(f"config key 'train.lr_rampup_images' must be >= 0, got {t.lr_rampup_images}")
     if not 0 <= cfg.network.dropout < 1 or not 0 <= cfg.network.label_dropout < 1:
         raise UsageError("dropout rates must be in [0, 1)")
     if t.lr <= 0:
@@ -489,7 +487,7 @@ def validate_numbers(cfg: Config) -> None:
         val = flat[key]
         if any(v is not None and v <= 0 for v in (val if isinstance(val, list) else [val])):
             raise UsageError(f"config key '{key}' must be > 0, got {val}")
-    for key in ("network.attn_resolutions", "train.lr_ref_steps", "train.lr_warmup_steps", "train.grad_clip",
+    for key in ("network.attn_resolutions", "train.lr_ref_steps", "train.lr_rampup_images", "train.grad_clip",
                 "train.ema_sigma_rel", "train.ema_halflife_images", "train.seed", "train.grid_every",
                 "train.keep_checkpoints", "loss.tangent_warmup_steps", "loss.tangent_norm_c",
                 "network.dropout_max_resolution", "network.time_embedding_scale", "network.num_classes"):

@@ -1,4 +1,5 @@
-"""Samplers (SCM_NOTES §5): consistency 1/2/K-step, refine, and teacher ODE solvers in TrigFlow.
+"""Samplers: consistency 1/2/K-step (multistep consistency sampling, Song et al. 2023 Alg. 1, in
+TrigFlow as Lu & Song 2025 sample with t_mid = 1.1), refine, and teacher ODE solvers in TrigFlow.
 
 Image k of a sampling run uses its own generator seeded with `seed + k` (EDM's "seeds 0-49999"),
 from which it draws, in this order, its class label (conditional models) and then one noise image

@@ -159,7 +159,7 @@ class MPConv(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """Embedding of c_noise(t) = t, computed in float32 even under autocast (SCM_NOTES §3).
+    """Embedding of c_noise(t) = t, computed in float32 even under autocast (Lu & Song 2025, Sec. 4.1).
 
     'positional': sinusoids at frequencies scale·10000^(−i/half) (Transformer/DDPM style);
     'fourier': random Fourier features cos(2π·scale·f·t + φ), f ~ N(0, 1) (fixed buffers).

@@ -24,13 +24,19 @@ from scmctl.data.augment import AUGMENT_DIM
 from scmctl.errors import UsageError
 from scmctl.sampling import SOLVERS
 
-METHODS = ("diffusion", "sct", "scd")
+# The training methods and the kind of model each makes (the README's Layout section):
+#   method: config.method, a preset's ``methods:`` keys, run directory names;
+#   kind: a checkpoint's "kind", what the samplers take.
+# The command line spells sct `scmctl train` (--objective consistency) and scd `scmctl distill`.
+METHOD_KINDS = {"diffusion": "diffusion", "sct": "consistency", "scd": "consistency"}
+METHODS = tuple(METHOD_KINDS)
+KINDS = ("diffusion", "consistency")
 NETWORK_ARCHS = ("edm2", "ddpmpp", "ncsnpp")   # scmctl.nn.networks.NETWORKS builds each
 
 
 def model_kind(method: str) -> str:
     """The kind of model a training method makes: 'diffusion' (the teacher) or 'consistency'."""
-    return "diffusion" if method == "diffusion" else "consistency"
+    return METHOD_KINDS[method]
 
 
 @dataclass
@@ -423,17 +429,17 @@ def validate(cfg: Config) -> None:
             obj = getattr(obj, p)
         if obj not in choices:
             raise UsageError(f"config key '{key}' must be one of {', '.join(choices)}, got '{obj}'")
-    t = cfg.train
-    for key, val, lo in [("train.steps", t.steps, 0), ("train.batch", t.batch, 1),
+    tc = cfg.train
+    for key, val, lo in [("train.steps", tc.steps, 0), ("train.batch", tc.batch, 1),
                          ("sample.steps", cfg.sample.steps, 1),
                          ("sample.solver_steps", cfg.sample.solver_steps, 1),
                          ("network.model_channels", cfg.network.model_channels, 1),
                          ("network.num_blocks", cfg.network.num_blocks, 1),
                          ("network.augment_dim", cfg.network.augment_dim, 0),
-                         ("train.log_every", t.log_every, 1),
-                         ("train.batch_per_gpu", t.batch_per_gpu, 0),
-                         ("train.check_grads_every", t.check_grads_every, 0),
-                         ("train.checkpoint_every", t.checkpoint_every, 1)]:
+                         ("train.log_every", tc.log_every, 1),
+                         ("train.batch_per_gpu", tc.batch_per_gpu, 0),
+                         ("train.check_grads_every", tc.check_grads_every, 0),
+                         ("train.checkpoint_every", tc.checkpoint_every, 1)]:
         if val < lo:
             raise UsageError(f"config key '{key}' must be >= {lo}, got {val}")
     if not cfg.network.channel_mult:
@@ -448,12 +454,12 @@ def validate(cfg: Config) -> None:
                          "the augmentation did, or the augmentation leaks into the samples")
     if not 0 <= cfg.network.dropout < 1 or not 0 <= cfg.network.label_dropout < 1:
         raise UsageError("dropout rates must be in [0, 1)")
-    if t.lr <= 0:
-        raise UsageError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if tc.lr <= 0:
+        raise UsageError(f"config key 'train.lr' must be > 0, got {tc.lr}")
     if cfg.loss.max_guidance < 1:
         raise UsageError("config key 'loss.max_guidance' must be >= 1")
-    if t.batch_per_gpu and t.batch % t.batch_per_gpu:
-        raise UsageError(f"train.batch ({t.batch}) must be a multiple of train.batch_per_gpu ({t.batch_per_gpu})")
+    if tc.batch_per_gpu and tc.batch % tc.batch_per_gpu:
+        raise UsageError(f"train.batch ({tc.batch}) must be a multiple of train.batch_per_gpu ({tc.batch_per_gpu})")
     if len(cfg.data.latent_mean) != len(cfg.data.latent_std):
         raise UsageError("data.latent_mean and data.latent_std must have the same length")
     if any(s <= 0 for s in cfg.data.latent_std):

@@ -73,9 +73,6 @@ class Batch:
     labels: Optional[np.ndarray]
 
 
-file_sha256 = sha256_file  # kept name: part of this module's documented API
-
-
 def load_for_sampling(model: str | os.PathLike, weights: str = "ema", device="auto"):
     """(net, config, kind, checkpoint dict, device) for a checkpoint file or a run directory's latest."""
     from scmctl.config import from_dict
@@ -166,8 +163,9 @@ class Generator:
 
     def with_t_mid(self, t_mid: float) -> "Generator":
         """The same network with another 2-step intermediate time."""
-        g = Generator(self.net, self.cfg, self.kind, self.checkpoint, self.checkpoint_sha256, self.device,
-                      self.steps, float(t_mid), self.ts, self.solver, self.guidance, self.label, self.weights)
+        same = ("net", "cfg", "kind", "checkpoint", "checkpoint_sha256", "device", "steps", "ts", "solver",
+                "guidance", "label", "weights")
+        g = Generator(**{k: getattr(self, k) for k in same}, t_mid=float(t_mid))
         g.prefetch = self.prefetch
         return g
 
@@ -242,7 +240,7 @@ def open_generator(model: str | os.PathLike, *, steps: Optional[int] = None, t_m
     s = cfg.sample
     if steps is None:
         steps = len(ts) if ts else (s.steps if kind == "consistency" else s.solver_steps)
-    return Generator(net, cfg, kind, ckpt["path"], file_sha256(ckpt["path"]), dev, steps,
+    return Generator(net, cfg, kind, ckpt["path"], sha256_file(ckpt["path"]), dev, steps,
                      float(s.t_mid if t_mid is None else t_mid), ts, solver or s.solver, guidance,
                      parse_label(label, int(getattr(net, "num_classes", 0) or 0)), weights)
 

@@ -1,6 +1,6 @@
 """Training objectives: the TrigFlow diffusion loss (teacher) and the sCM loss (sCT / sCD).
 
-The sCM loss follows Algorithm 1 of Lu & Song (ICLR 2025); see SCM_NOTES §2. One step:
+The sCM loss follows Algorithm 1 of Lu & Song (ICLR 2025), Sec. 4. One step:
 
     x0 ~ data; z ~ N(0, σ_d² I); τ ~ N(P_mean, P_std²); t = arctan(e^τ/σ_d)
     x_t = cos t·x0 + sin t·z
@@ -28,6 +28,7 @@ import torch.autograd.forward_ad as fwAD
 
 from scmctl import trigflow
 from scmctl.config import LossConfig
+from scmctl.trigflow import per_sample
 
 # Bins of t for the per-bin stability diagnostics in stats.jsonl.
 T_BINS = (0.0, math.pi / 8, math.pi / 4, 3 * math.pi / 8, math.pi / 2 + 1e-6)
@@ -37,28 +38,6 @@ T_BINS = (0.0, math.pi / 8, math.pi / 4, 3 * math.pi / 8, math.pi / 2 + 1e-6)
 class LossOutput:
     loss: torch.Tensor                                # scalar to backpropagate
     stats: dict = field(default_factory=dict)         # plain floats for stats.jsonl
-
-
-def _flat_norm(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).double().norm(dim=1)
-
-
-def _bc(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-
-
-class _RNGFork:
-    """Remember the RNG state now; `restore()` rewinds to it (same dropout mask in both passes)."""
-
-    def __init__(self, device: torch.device):
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        self.device = device
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.device)
 
 
 def drop_labels(labels: Optional[torch.Tensor], num_classes: int, p: float) -> Optional[torch.Tensor]:
@@ -108,13 +87,13 @@ def consistency_tangent(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Ten
                         sigma_data: float, warmup_r: float, labels=None, guidance=None,
                         keep_graph: bool = False):
     """F and the unnormalized tangent g = −cos²t(σ_d F − dx/dt) − r(cos t sin t x_t + J), with
-    J = σ_d cos t sin t dF/dt from one forward with dual tensors.
+    J = σ_d cos t sin t dF/dt from one forward with dual tensors (Lu & Song 2025, Alg. 1).
 
     keep_graph=False: the paper's no-grad jvp (F is F⁻). keep_graph=True ("dual" mode): F keeps its
     autograd graph for the gradient while the tangent rides along and is detached; this saves the
     separate gradient forward (≈4/3 of a diffusion step instead of ≈5/3). g never has a graph.
     """
-    cos, sin = _bc(torch.cos(t), x_t), _bc(torch.sin(t), x_t)
+    cos, sin = torch.cos(per_sample(t, x_t)), torch.sin(per_sample(t, x_t))
     with (contextlib.nullcontext() if keep_graph else torch.no_grad()), fwAD.dual_level():
         x_d = fwAD.make_dual(x_t / sigma_data, cos * sin * dxdt)
         t_d = fwAD.make_dual(t, torch.cos(t) * torch.sin(t) * sigma_data)
@@ -122,6 +101,69 @@ def consistency_tangent(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Ten
         J = J.detach()
     g = -cos.square() * (sigma_data * F.detach() - dxdt) - warmup_r * (cos * sin * x_t + J)
     return F, g
+
+
+def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
+                     cfg: LossConfig, sigma_data: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """sCD: (dx_t/dt = σ_d·F_teacher(x_t/σ_d, t), the guidance scales s or None). With a guided
+    teacher (loss.max_guidance > 1, conditional) s ~ U[1, max_guidance] per sample and
+    F_teacher = F_u + s·(F_c − F_u) (classifier-free guidance; the student gets s as its input)."""
+    guidance = None
+    with torch.no_grad():
+        F = teacher(x_t / sigma_data, t, labels)
+        if cfg.max_guidance > 1 and labels is not None:
+            guidance = 1 + torch.rand(x_t.shape[0], device=x_t.device) * (cfg.max_guidance - 1)
+            F_u = teacher(x_t / sigma_data, t, torch.zeros_like(labels))
+            F = F_u + per_sample(guidance, F_u) * (F - F_u)
+    return sigma_data * F.to(x_t.dtype), guidance
+
+
+def tangent_warmup(step: int, cfg: LossConfig) -> float:
+    """r = min(1, step/H) (tangent warmup, Lu & Song 2025 Sec. 4.2); H = 0: r = 1."""
+    return min(1.0, step / cfg.tangent_warmup_steps) if cfg.tangent_warmup_steps > 0 else 1.0
+
+
+def _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg: LossConfig,
+                         sigma_data: float):
+    """(F_θ with its autograd graph, the float64 tangent g, finite: the samples whose g and F⁻ are
+    finite). dual: one forward through `train_net` carries both. separate: the no-grad jvp on the
+    unwrapped `net`, then the gradient forward on the same dropout mask (the RNG is forked around
+    the jvp), its non-finite samples' inputs zeroed so no NaN reaches the weight gradients."""
+    if cfg.jvp_mode == "dual":
+        if cfg.nan_masking:  # non-finite inputs would reach the weight gradients through 0·NaN
+            ok = per_sample(_all_finite(x_t) & _all_finite(dxdt), x_t)
+            x_t = torch.where(ok, x_t, torch.zeros_like(x_t))
+            dxdt = torch.where(ok, dxdt, torch.full_like(dxdt, float("nan")))
+        F_theta, g = consistency_tangent(train_net, x_t, t, dxdt, sigma_data, r, labels, guidance,
+                                         keep_graph=True)
+        g = g.double()
+        return F_theta, g, _all_finite(g) & _all_finite(F_theta.detach())
+    with torch.random.fork_rng(devices=[x_t.device] if x_t.device.type == "cuda" else []):
+        F_minus, g = consistency_tangent(net, x_t, t, dxdt, sigma_data, r, labels, guidance)
+    g = g.double()
+    finite = _all_finite(g) & _all_finite(F_minus)
+    x_in = x_t / sigma_data
+    if cfg.nan_masking:
+        x_in = torch.where(per_sample(finite, x_in), x_in, torch.zeros_like(x_in))
+    # F⁻ = stopgrad(F_θ) is taken from this forward, as in the dual mode: equal to the tangent
+    # pass's primal in exact arithmetic, and F_θ − F⁻ stays exactly 0 when the two passes run
+    # in different precisions (bf16 gradient forward, fp32 tangent: loss.jvp_fp32).
+    return train_net(x_in, t, labels, guidance), g, finite
+
+
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    """Per sample: every entry finite."""
+    return torch.isfinite(x).flatten(1).all(dim=1)
+
+
+def normalize_tangent(g: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """g ← g/(‖g‖ + c) (tangent normalization, Lu & Song 2025 Sec. 4.2); rms: ‖g‖/√D."""
+    if cfg.tangent_norm == "none":
+        return g
+    norm = g.flatten(1).norm(dim=1)
+    if cfg.tangent_norm == "rms":
+        norm = norm / math.sqrt(g[0].numel())
+    return g / per_sample(norm + cfg.tangent_norm_c, g)
 
 
 def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg: LossConfig,
@@ -134,61 +176,29 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
     unconditional) or None.
     """
     train_net = train_net if train_net is not None else net
-    n = x0.shape[0]
-    d = x0[0].numel()
+    n, d = x0.shape[0], x0[0].numel()
+    # x_t and its direction dx_t/dt: the data's velocity (sCT) or the teacher's (sCD)
     z = torch.randn_like(x0) * sigma_data
     t = trigflow.sample_time(n, cfg.P_mean, cfg.P_std, sigma_data, device=x0.device)
     x_t = trigflow.add_noise(x0, z, t)
-    guidance = None
     if teacher is None:
-        dxdt = trigflow.velocity(x0, z, t)
+        dxdt, guidance = trigflow.velocity(x0, z, t), None
     else:
-        with torch.no_grad():
-            F_c = teacher(x_t / sigma_data, t, labels)
-            if cfg.max_guidance > 1 and labels is not None:
-                guidance = 1 + torch.rand(n, device=x0.device) * (cfg.max_guidance - 1)
-                F_u = teacher(x_t / sigma_data, t, torch.zeros_like(labels))
-                F_c = F_u + _bc(guidance, F_u) * (F_c - F_u)
-            dxdt = sigma_data * F_c.to(x0.dtype)
-    r = min(1.0, step / cfg.tangent_warmup_steps) if cfg.tangent_warmup_steps > 0 else 1.0
+        dxdt, guidance = teacher_velocity(teacher, x_t, t, labels, cfg, sigma_data)
+    r = tangent_warmup(step, cfg)
 
-    if cfg.jvp_mode == "dual":
-        if cfg.nan_masking:  # non-finite inputs would reach the weight gradients through 0·NaN
-            ok = (torch.isfinite(x_t) & torch.isfinite(dxdt)).flatten(1).all(dim=1).reshape(-1, *([1] * (x_t.ndim - 1)))
-            x_t = torch.where(ok, x_t, torch.zeros_like(x_t))
-            dxdt = torch.where(ok, dxdt, torch.full_like(dxdt, float("nan")))
-        F_theta, g = consistency_tangent(train_net, x_t, t, dxdt, sigma_data, r, labels, guidance,
-                                         keep_graph=True)
-        F_minus = F_theta.detach()
-    else:
-        rng = _RNGFork(x0.device)
-        F_minus, g = consistency_tangent(net, x_t, t, dxdt, sigma_data, r, labels, guidance)
-        rng.restore()  # the gradient pass draws the same dropout mask as the jvp pass
-
-    ld = torch.promote_types(x0.dtype, torch.float32)  # loss math in >= fp32 (fp64 for g)
-    g = g.double()
+    # F_θ, the tangent g (Eq. 8 rearranged), and the samples it is finite for
+    F_theta, g, finite = _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg, sigma_data)
+    F_minus = F_theta.detach()
     g_rms = g.flatten(1).norm(dim=1) / math.sqrt(d)
-    finite = torch.isfinite(g).flatten(1).all(dim=1) & torch.isfinite(F_minus).flatten(1).all(dim=1)
-    if cfg.nan_masking:
-        keep = finite.reshape(-1, *([1] * (g.ndim - 1)))
+    if cfg.nan_masking:  # drop samples whose tangent or F⁻ is not finite
+        keep = per_sample(finite, g)
         g = torch.where(keep, g, torch.zeros_like(g))
         F_minus = torch.where(keep, F_minus, torch.zeros_like(F_minus))
-    if cfg.tangent_norm != "none":
-        norm = g.flatten(1).norm(dim=1)
-        if cfg.tangent_norm == "rms":
-            norm = norm / math.sqrt(d)
-        g = g / _bc(norm + cfg.tangent_norm_c, g)
-    if cfg.jvp_mode != "dual":
-        x_in = x_t / sigma_data
-        if cfg.nan_masking:  # masked samples must not put NaN into the gradient through 0·NaN
-            x_in = torch.where(finite.reshape(-1, *([1] * (x_in.ndim - 1))), x_in, torch.zeros_like(x_in))
-        F_theta = train_net(x_in, t, labels, guidance)
-        # F⁻ = stopgrad(F_θ) taken from this forward, as in the dual mode: equal to the tangent
-        # pass's primal in exact arithmetic, and F_θ − F⁻ stays exactly 0 when the two passes run
-        # in different precisions (bf16 gradient forward, fp32 tangent: loss.jvp_fp32).
-        F_minus = F_theta.detach()
-        if cfg.nan_masking:
-            F_minus = torch.where(finite.reshape(-1, *([1] * (F_minus.ndim - 1))), F_minus, torch.zeros_like(F_minus))
+    g = normalize_tangent(g, cfg)
+
+    # L = e^{w_φ(t)}/D·‖F_θ − F⁻ − g‖² − w_φ(t), in >= fp32 (fp64 for g)
+    ld = torch.promote_types(x0.dtype, torch.float32)
     target = (F_minus.double() + g).to(ld)
     per = (F_theta.to(ld) - target).flatten(1).square().sum(dim=1) / d
     raw = per.detach()

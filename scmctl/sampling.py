@@ -1,5 +1,6 @@
-"""Samplers in TrigFlow: consistency 1/2/K-step (Lu & Song 2025, Sec. 2 and App. G), refine, and
-the teacher ODE solvers (:data:`SOLVERS`).
+"""Samplers in TrigFlow: consistency 1/2/K-step (multistep consistency sampling, Song et al. 2023
+Alg. 1, in TrigFlow as Lu & Song 2025 sample with t_mid = 1.1), refine, and the teacher ODE solvers
+(:data:`SOLVERS`).
 
 Image k of a sampling run uses its own generator seeded with `seed + k` (EDM's "seeds 0-49999"),
 from which it draws, in this order, its class label (conditional models) and then one noise image

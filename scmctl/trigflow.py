@@ -23,27 +23,30 @@ def t_max(sigma_data: float = 0.5, sigma_max: float = SIGMA_MAX_EDM) -> float:
     return math.atan(sigma_max / sigma_data)
 
 
-def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape per-sample times (N,) to broadcast against x (N, ...)."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-    return t.reshape(-1, *([1] * (x.ndim - 1))) if t.ndim == 1 else t
+def per_sample(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample value (N,) as (N, 1, ..., 1) in x's dtype, to broadcast against x (N, ...);
+    a scalar stays a scalar. Boolean masks keep their dtype."""
+    v = torch.as_tensor(v, device=x.device)
+    if v.dtype != torch.bool:
+        v = v.to(x.dtype)
+    return v.reshape(-1, *([1] * (x.ndim - 1))) if v.ndim == 1 else v
 
 
 def add_noise(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = cos(t)·x0 + sin(t)·z (z already has std σ_d)."""
-    tb = _bcast(t, x0)
+    tb = per_sample(t, x0)
     return torch.cos(tb) * x0 + torch.sin(tb) * z
 
 
 def velocity(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """v_t = dx_t/dt = cos(t)·z − sin(t)·x0."""
-    tb = _bcast(t, x0)
+    tb = per_sample(t, x0)
     return torch.cos(tb) * z - torch.sin(tb) * x0
 
 
 def denoise(x_t: torch.Tensor, t: torch.Tensor, F: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """f(x_t, t) = cos(t)·x_t − sin(t)·σ_d·F: the consistency function / x0-prediction."""
-    tb = _bcast(t, x_t)
+    tb = per_sample(t, x_t)
     return torch.cos(tb) * x_t - torch.sin(tb) * sigma_data * F
 
 
@@ -51,7 +54,7 @@ def ddim_step(x_s: torch.Tensor, s: torch.Tensor, t: torch.Tensor, F: torch.Tens
               sigma_data: float) -> torch.Tensor:
     """Exact step of the PF-ODE from time s to t for a locally constant F (TrigFlow DDIM):
     x_t = cos(s−t)·x_s − sin(s−t)·σ_d·F(x_s/σ_d, s)."""
-    d = _bcast(s, x_s) - _bcast(t, x_s)
+    d = per_sample(s, x_s) - per_sample(t, x_s)
     return torch.cos(d) * x_s - torch.sin(d) * sigma_data * F
 
 
@@ -77,13 +80,13 @@ def t_to_edm_sigma(t, sigma_data: float = 0.5):
 def edm_x_to_trigflow(x_sigma: torch.Tensor, sigma, sigma_data: float = 0.5) -> torch.Tensor:
     """EDM x_σ = x0 + σ·ε  ->  TrigFlow x_t = cos(t)·x_σ with t = arctan(σ/σ_d)."""
     t = edm_sigma_to_t(sigma, sigma_data)
-    return (torch.cos(_bcast(t, x_sigma.double())) * x_sigma.double()).to(x_sigma.dtype)
+    return (torch.cos(per_sample(t, x_sigma.double())) * x_sigma.double()).to(x_sigma.dtype)
 
 
 def trigflow_x_to_edm(x_t: torch.Tensor, t, sigma_data: float = 0.5) -> torch.Tensor:
     """TrigFlow x_t -> EDM x_σ = x_t / cos(t)."""
     tt = torch.as_tensor(t, dtype=torch.float64)
-    return (x_t.double() / torch.cos(_bcast(tt, x_t.double()))).to(x_t.dtype)
+    return (x_t.double() / torch.cos(per_sample(tt, x_t.double()))).to(x_t.dtype)
 
 
 def general_to_trigflow(x: torch.Tensor, alpha, sigma, sigma_data: float = 0.5):
@@ -93,7 +96,7 @@ def general_to_trigflow(x: torch.Tensor, alpha, sigma, sigma_data: float = 0.5):
     s = torch.as_tensor(sigma, dtype=torch.float64)
     t = torch.atan2(s, sigma_data * a)
     scale = sigma_data / torch.sqrt(a ** 2 * sigma_data ** 2 + s ** 2)
-    return (_bcast(scale, x.double()) * x.double()).to(x.dtype), t
+    return (per_sample(scale, x.double()) * x.double()).to(x.dtype), t
 
 
 def flow_time_to_t(tau):

@@ -1,5 +1,5 @@
 """The sCM loss's gradient against an independent computation of the continuous-time objective's
-gradient on a model with an analytic time derivative (SCM_NOTES §2, Algorithm 1)."""
+gradient on a model with an analytic time derivative (Lu & Song 2025, Sec. 4, Algorithm 1)."""
 
 import math
 

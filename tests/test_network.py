@@ -1,4 +1,4 @@
-"""The U-Net's forward-mode JVP against float64 central finite differences (SCM_NOTES §2–3)."""
+"""The U-Net's forward-mode JVP against float64 central finite differences (Lu & Song 2025, Sec. 4 and 4.1)."""
 
 import math
 

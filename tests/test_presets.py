@@ -1,4 +1,4 @@
-"""Paper presets (SCM_NOTES §6, sCM App. G Tables 4-5): values and parameter counts on the meta device."""
+"""Paper presets (Lu & Song 2025, App. G, Tables 4-5): values and parameter counts on the meta device."""
 
 import json
 import subprocess

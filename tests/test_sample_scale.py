@@ -102,7 +102,7 @@ def env1():
 
 def reference_2step(ckpt: Path, seeds, t_mid: float = 1.1):
     """(float64 images in uint8 units before rounding (N, H, W, C), labels): each image alone, in
-    float64, from the paper's 2-step formulas (SCM_NOTES §5) and the documented per-seed draws
+    float64, from the 2-step formulas (multistep consistency sampling, Song et al. 2023 Alg. 1, in TrigFlow) and the documented per-seed draws
     (label first, then one noise image per step)."""
     from scmctl.config import from_dict
     from scmctl.nn.networks import build_network

@@ -1,4 +1,4 @@
-"""Samplers against the closed form of the PF-ODE for Gaussian data (TrigFlow, Lu & Song 2025, Sec. 3).
+"""Samplers against the closed form of the PF-ODE for Gaussian data (TrigFlow, Lu & Song 2025 Sec. 3; multistep consistency sampling, Song et al. 2023 Alg. 1).
 
 For x0 ~ N(0, a²I) and z ~ N(0, σ_d²I), x_t has std s_t = √(cos²t·a² + sin²t·σ_d²), the exact
 velocity is E[v|x_t] = cos t·sin t·(σ_d² − a²)/s_t²·x_t, and the ODE maps x_t to x_0 = x_t·a/s_t.

@@ -1,4 +1,4 @@
-"""TrigFlow identities and conversions against closed forms (SCM_NOTES §1)."""
+"""TrigFlow identities and conversions against closed forms (Lu & Song 2025, Sec. 3 and App. B)."""
 
 import math
 

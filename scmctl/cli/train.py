@@ -22,6 +22,9 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every",
                      # modes compute the same loss; every attention backend the same attention)
                      "loss.jvp_mode", "network.attention_backend")
 
+# `scmctl train --objective X` trains config method OBJECTIVE_METHODS[X] (distill is method scd).
+OBJECTIVE_METHODS = {"consistency": "sct", "diffusion": "diffusion"}
+
 PRESET = typer.Option("tiny", "--preset", help="Preset name (see presets/) or a YAML file.")
 DATA = typer.Option(None, "--data", help="Dataset: image folder, cifar-10-python.tar.gz, .npz/.npy; default: the preset's (tiny: built-in digits).")
 RUN_DIR = typer.Option(None, "--run-dir", help="Run directory; re-running on an existing one resumes. Default: runs/PRESET-METHOD.")
@@ -42,9 +45,9 @@ def train_cmd(preset: str = PRESET, data: Optional[str] = DATA, run_dir: Optiona
               seed: Optional[int] = SEED, set_: List[str] = SET, dry_run: bool = DRY,
               json_out: bool = JSON) -> None:
     """Consistency training (sCT), or the TrigFlow diffusion teacher with --objective diffusion."""
-    if objective not in ("consistency", "diffusion"):
-        raise UsageError(f"--objective must be 'consistency' or 'diffusion', got '{objective}'")
-    method = "sct" if objective == "consistency" else "diffusion"
+    if objective not in OBJECTIVE_METHODS:
+        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVE_METHODS)}, got '{objective}'")
+    method = OBJECTIVE_METHODS[objective]
     _run(method, preset=preset, data=data, run_dir=run_dir, init=init, teacher=None, steps=steps, batch=batch,
          seed=seed, overrides=set_, dry_run=dry_run, json_out=json_out)
 

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from scmctl import safe_pickle
-from scmctl.data.imageio import IMAGE_EXTENSIONS, list_image_files, read_image
+from scmctl.data.imageio import list_class_tree, read_image
 from scmctl.errors import UsageError
 
 DIGITS_RESOLUTION = 16          # default side of the built-in digits (stored as 8x8)
@@ -213,7 +213,7 @@ class LatentData(_Prepared):
 
     :meth:`batch` samples z = mean + std·ε (ε ~ N(0, I) from torch's global RNG, which the training
     loop seeds per step) and returns z_norm = (z − latent_mean)·sigma_data/latent_std with the
-    statistics recorded in ``dataset.json`` (SCM_NOTES §6).
+    statistics recorded in ``dataset.json`` (Lu & Song 2025, App. G).
     """
 
     kind = "latents"
@@ -442,25 +442,8 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 # --- image folders --------------------------------------------------------------------------------
 
 def _load_image_folder(root: Path) -> ImageData:
-    entries = sorted(e for e in root.iterdir() if not e.name.startswith("."))
-    subdirs = [e for e in entries if e.is_dir()]
-    loose = [e for e in entries if e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS]
-    if subdirs and loose:
-        raise UsageError(f"{root}: holds both images ({loose[0].name}) and subfolders "
-                         f"({subdirs[0].name}); put every image in a class subfolder, or remove "
-                         f"the subfolders for unlabeled data")
-    if subdirs:
-        files: list[Path] = []
-        label_list: list[int] = []
-        for k, d in enumerate(subdirs):
-            class_files = list_image_files(d, recursive=True)   # an empty class is a UsageError
-            files += class_files
-            label_list += [k] * len(class_files)
-        class_names = [d.name for d in subdirs]
-        labels = torch.tensor(label_list, dtype=torch.int64)
-    else:
-        files = list_image_files(root, recursive=False)
-        class_names, labels = [], None
+    files, label_list, class_names = list_class_tree(root)
+    labels = torch.tensor(label_list, dtype=torch.int64) if label_list is not None else None
     images = _read_same_size(files)
     kind = f"{len(class_names)} classes" if labels is not None else "unlabeled"
     return ImageData(images=images, labels=labels, num_classes=len(class_names),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -31,6 +32,29 @@ def list_image_files(root: str | os.PathLike, recursive: bool = True) -> list[Pa
     if not files:
         raise UsageError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS[:3])}, ...) found")
     return files
+
+
+def list_class_tree(root: str | os.PathLike) -> tuple[list[Path], Optional[list[int]], list[str]]:
+    """(files, labels or None, class names) of an image folder: class subfolders in sorted name
+    order (labels 0..K-1, images nested at any depth inside; an empty class is a UsageError), or
+    loose images (unlabeled). A folder holding both is a UsageError."""
+    root = Path(root)
+    entries = sorted(e for e in root.iterdir() if not e.name.startswith("."))
+    subdirs = [e for e in entries if e.is_dir()]
+    loose = [e for e in entries if e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS]
+    if subdirs and loose:
+        raise UsageError(f"{root}: holds both images ({loose[0].name}) and subfolders "
+                         f"({subdirs[0].name}); put every image in a class subfolder, or remove "
+                         f"the subfolders for unlabeled data")
+    if not subdirs:
+        return list_image_files(root, recursive=False), None, []
+    files: list[Path] = []
+    labels: list[int] = []
+    for k, d in enumerate(subdirs):
+        class_files = list_image_files(d, recursive=True)
+        files += class_files
+        labels += [k] * len(class_files)
+    return files, labels, [d.name for d in subdirs]
 
 
 GRAY_MODES = ("1", "L", "LA", "I", "F")  # plus I;16, I;16B, I;16L, I;16N

@@ -1,7 +1,7 @@
 """Pixel <-> model space for pixel and latent (SD-VAE) datasets.
 
 Model space is what the network sees as x0: pixels in [-1, 1], or VAE latents normalized per
-channel (SCM_NOTES §6, EDM2's convention):
+channel (Lu & Song 2025 App. G; EDM2's convention):
 
     z_norm = (z − latent_mean)·sigma_data/latent_std,      z = z_norm·latent_std/sigma_data + latent_mean
 
@@ -35,7 +35,7 @@ from scmctl.errors import UsageError
 from scmctl.fileio import sha256_file
 
 SD_VAE = "stabilityai/sd-vae-ft-mse"
-# Per-channel statistics of sd-vae-ft-mse's raw latents on ImageNet-512 (sCM App. G, SCM_NOTES §6).
+# Per-channel statistics of sd-vae-ft-mse's raw latents on ImageNet-512 (Lu & Song 2025, App. G).
 SD_VAE_LATENT_MEAN = (1.56, -0.695, 0.483, 0.729)
 SD_VAE_LATENT_STD = (5.27, 5.91, 4.21, 4.31)
 SCALING_NOTE = ("raw AutoencoderKL posterior (latent_dist); the VAE's config.scaling_factor is "
@@ -181,7 +181,7 @@ class VAE:
     @property
     def sha256(self) -> str:
         if self._sha256 is None:
-            self._sha256 = file_sha256(self.weights_file)
+            self._sha256 = sha256_file(self.weights_file)
         return self._sha256
 
     @property
@@ -331,14 +331,3 @@ def _load(spec: str, folder: Path, dev: torch.device) -> VAE:
     return VAE(model=model, spec=spec, path=folder, weights_file=_weights(folder), device=dev)
 
 
-_sha_cache: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file (cached by real path, size and mtime)."""
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    key = (real, st.st_size, st.st_mtime_ns)
-    if key not in _sha_cache:
-        _sha_cache[key] = sha256_file(real)
-    return _sha_cache[key]

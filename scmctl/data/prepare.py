@@ -42,7 +42,8 @@ import numpy as np
 from scmctl.data.datasets import (DATASET_FORMAT, DATASET_JSON, DATASET_VERSION, is_prepared,
                                   load_dataset, read_metadata)
 from scmctl.fileio import remove_stale_temps, write_json_atomic
-from scmctl.data.imageio import IMAGE_EXTENSIONS, list_image_files, read_image_adm
+from scmctl.data import imageio
+from scmctl.data.imageio import read_image_adm
 from scmctl.errors import UsageError
 
 PIXEL_CHUNK = 1024          # images per flushed chunk (the unit of resuming) ...
@@ -110,7 +111,7 @@ def prepare_latents(src: str | os.PathLike, out: str | os.PathLike, vae: str,
     ``resolution`` -> VAE posterior mean and std of every image, stored raw.
 
     ``latent_mean``/``latent_std``: the normalization recorded for training (default: the sCM
-    paper's sd-vae-ft-mse statistics, SCM_NOTES §6), or "measured" for both: the per-channel mean
+    paper's sd-vae-ft-mse statistics, Lu & Song 2025 App. G), or "measured" for both: the per-channel mean
     and std of z = mean + std·ε over this dataset (E[z] = avg mean, E[z²] = avg(mean² + std²)),
     which are recorded in any case as measured_mean/measured_std.
     """
@@ -213,21 +214,8 @@ def list_class_tree(src: str | os.PathLike) -> tuple[list[Path], Optional[np.nda
     if not root.is_dir():
         raise UsageError(f"{src}: " + ("no such folder" if not root.exists() else
                                        "expected a folder of class subfolders (ImageNet train)"))
-    entries = sorted(e for e in root.iterdir() if not e.name.startswith("."))
-    subdirs = [e for e in entries if e.is_dir()]
-    loose = [e for e in entries if e.is_file() and e.suffix.lower() in IMAGE_EXTENSIONS]
-    if subdirs and loose:
-        raise UsageError(f"{root}: holds both images ({loose[0].name}) and subfolders "
-                         f"({subdirs[0].name}); put every image in a class subfolder")
-    if not subdirs:
-        return list_image_files(root, recursive=False), None, []
-    files: list[Path] = []
-    labels: list[int] = []
-    for k, d in enumerate(subdirs):
-        class_files = list_image_files(d, recursive=True)
-        files += class_files
-        labels += [k] * len(class_files)
-    return files, np.asarray(labels, dtype=np.int64), [d.name for d in subdirs]
+    files, labels, class_names = imageio.list_class_tree(root)
+    return files, (np.asarray(labels, dtype=np.int64) if labels is not None else None), class_names
 
 
 # --- the atomic, resumable writer -----------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 from scmctl.data.imageio import list_image_files, read_image
 from scmctl.errors import UsageError
 
-MIN_SAMPLES = 50_000  # the protocol of the papers (SCM_NOTES §7)
+MIN_SAMPLES = 50_000  # 50k samples: the protocol of EDM (Karras et al. 2022) and Lu & Song 2025
 ARRAY_KEYS = ("images", "arr_0")  # keys tried, in order, in an .npz of images
 
 

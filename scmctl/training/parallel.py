@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from scmctl import distributed
-from scmctl.config import Config
+from scmctl.config import Config, model_kind
 from scmctl.errors import UsageError
 from scmctl.nn.networks import build_network
 from scmctl.nn.base import ImageNetwork
@@ -76,7 +76,7 @@ def check_scaleout(cfg: Config, world: int) -> BatchLayout:
     UsageError line each."""
     tc = cfg.train
     layout = batch_layout(tc.batch, tc.batch_per_gpu, world)
-    if tc.compile and cfg.method != "diffusion" and cfg.network.dropout > 0:
+    if tc.compile and model_kind(cfg.method) == "consistency" and cfg.network.dropout > 0:
         raise UsageError("train.compile=true with network.dropout > 0 is not supported for "
                          "consistency training: the compiled gradient pass would draw other dropout "
                          "masks than the eager tangent pass; set train.compile=false or network.dropout=0")
@@ -91,7 +91,7 @@ def effective_jvp_mode(cfg: Config, world: int = 1) -> tuple[str, str]:
     Function without a jvp) rejects its dual inputs: those run the separate mode, whose tangent
     pass is under no_grad. DDP passes dual inputs through (tested against one process)."""
     mode = cfg.loss.jvp_mode
-    if mode == "dual" and cfg.method != "diffusion":
+    if mode == "dual" and model_kind(cfg.method) == "consistency":
         if world > 1 and cfg.train.parallel == "fsdp":
             return "separate", "FSDP2's backward hooks do not pass forward-mode AD"
         if cfg.train.precision == "bf16" and cfg.loss.jvp_fp32:

@@ -37,6 +37,7 @@ from scmctl.training.ema import EMA, sigma_rel_to_gamma
 SNAPSHOT_FORMAT = "scmctl-phema-snapshot"
 SNAPSHOT_VERSION = 1
 SNAPSHOT_DIR = "phema"
+POSTHOC_DIR = "ema"      # RUN_DIR/ema/: `scmctl ema` writes here by default
 SNAPSHOT_RE = re.compile(r"^phema-(\d+)-([0-9.]+)\.pt$")
 # The widest profile allowed: γ = 0, the uniform average over [0, t] (σ_rel = √(1/12) ≈ 0.2887).
 MAX_SIGMA_REL = float(np.sqrt(1 / 12))

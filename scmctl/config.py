@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +23,8 @@ import yaml
 from scmctl.errors import UsageError
 
 METHODS = ("diffusion", "sct", "scd")
+# The widest power-function EMA (EDM2 Eq. 123 at γ = 0, the uniform average over training): σ_rel = √(1/12).
+MAX_SIGMA_REL = math.sqrt(1 / 12)
 
 
 @dataclass
@@ -76,6 +79,11 @@ class TrainConfig:
     grad_clip: float = 0.0                # max global grad norm; 0 = off
     ema_sigma_rel: float = 0.05           # power-function EMA (EDM2); 0 = use ema_halflife_images
     ema_halflife_images: float = 0.0      # classic EMA half-life in images (CIFAR-10: 0.5M)
+    # Post-hoc EMA (EDM2 Sec. 3): power-function EMAs tracked besides the one above, stored in
+    # RUN_DIR/phema/ every phema_every images (0 = with every checkpoint); [] = off. `scmctl ema`
+    # reconstructs any σ_rel from them.
+    phema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    phema_every: int = 0
     seed: int = 0
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     log_every: int = 1                    # steps between stats.jsonl lines
@@ -386,7 +394,8 @@ def validate(cfg: Config) -> None:
                          ("train.log_every", t.log_every, 1),
                          ("train.batch_per_gpu", t.batch_per_gpu, 0),
                          ("train.check_grads_every", t.check_grads_every, 0),
-                         ("train.checkpoint_every", t.checkpoint_every, 1)]:
+                         ("train.checkpoint_every", t.checkpoint_every, 1),
+                         ("train.phema_every", t.phema_every, 0)]:
         if val < lo:
             raise UsageError(f"config key '{key}' must be >= {lo}, got {val}")
     if not cfg.network.channel_mult:
@@ -395,6 +404,9 @@ def validate(cfg: Config) -> None:
         raise UsageError("dropout rates must be in [0, 1)")
     if t.lr <= 0:
         raise UsageError(f"config key 'train.lr' must be > 0, got {t.lr}")
+    if any(not 0 < s <= MAX_SIGMA_REL for s in t.phema_sigma_rels) or len(set(t.phema_sigma_rels)) != len(t.phema_sigma_rels):
+        raise UsageError(f"config key 'train.phema_sigma_rels' must hold distinct values in (0, {MAX_SIGMA_REL:.4f}] "
+                         f"(power-function EMA widths), got {t.phema_sigma_rels}")
     if cfg.loss.max_guidance < 1:
         raise UsageError("config key 'loss.max_guidance' must be >= 1")
     if t.batch_per_gpu and t.batch % t.batch_per_gpu:

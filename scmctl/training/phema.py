@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from scmctl.config import MAX_SIGMA_REL
 from scmctl.errors import UsageError
 from scmctl.training import checkpoint as ckpt_io
 from scmctl.training.ema import EMA, sigma_rel_to_gamma
@@ -39,8 +40,6 @@ SNAPSHOT_VERSION = 1
 SNAPSHOT_DIR = "phema"
 POSTHOC_DIR = "ema"      # RUN_DIR/ema/: `scmctl ema` writes here by default
 SNAPSHOT_RE = re.compile(r"^phema-(\d+)-([0-9.]+)\.pt$")
-# The widest profile allowed: γ = 0, the uniform average over [0, t] (σ_rel = √(1/12) ≈ 0.2887).
-MAX_SIGMA_REL = float(np.sqrt(1 / 12))
 
 
 def gamma_to_sigma_rel(gamma: float | np.ndarray) -> float | np.ndarray:

@@ -4,24 +4,14 @@ on its own, cached in the run directory so a re-run computes only what it has no
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _cli import assert_one_line_error, run as run_cli
+from test_metrics import D, save_standin
 from scmctl.metrics import evaluate
-
-
-class _StandIn(torch.nn.Module):
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        self.register_buffer("w", w)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(F.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1) @ self.w)
 
 
 def write_checkpoint(run, step: int, scale: float = 0.3) -> None:
@@ -45,11 +35,8 @@ def write_checkpoint(run, step: int, scale: float = 0.3) -> None:
 
 @pytest.fixture
 def setup(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        w = torch.from_numpy(np.random.default_rng(1).standard_normal((48, 8)).astype(np.float32))
-        torch.jit.script(_StandIn(w)).save(str(tmp_path / "det.pt"))
-    feats = np.random.default_rng(2).standard_normal((50, 8)) * 0.3
+    save_standin(tmp_path / "det.pt")
+    feats = np.random.default_rng(2).standard_normal((50, D)) * 0.3
     np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
     run = tmp_path / "run"
     run.mkdir()
@@ -130,7 +117,7 @@ def test_kid_over_checkpoints_and_over_posthoc_ema_outputs(capsys, setup):
     from scmctl.training import checkpoint as ck
 
     tmp_path, run = setup
-    feats = np.random.default_rng(3).standard_normal((40, 8)) * 0.3
+    feats = np.random.default_rng(3).standard_normal((40, D)) * 0.3
     np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False), features=feats)
     (run / "ema").mkdir()
     for sigma_rel in (0.05, 0.1):

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from _cli import assert_one_line_error, run as run_cli
+from test_metrics import D, save_standin
 from scmctl.plotting import running_mean
-
-
-class _Feat(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("proj", torch.randn(48, 8, generator=torch.Generator().manual_seed(0)))
-
-    def forward(self, x):
-        return torch.nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1) @ self.proj
 
 
 def test_running_mean_against_brute_force():
@@ -36,10 +26,8 @@ def test_plot_of_a_real_tiny_run(tiny_run, tmp_path, capsys):
     pytest.importorskip("matplotlib", reason="the plot extra (in the test extra) is not installed")
     from PIL import Image
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.script(_Feat()).save(str(tmp_path / "det.pt"))
-    feats = np.random.default_rng(0).standard_normal((40, 8))
+    save_standin(tmp_path / "det.pt")
+    feats = np.random.default_rng(0).standard_normal((40, D))
     np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
     fid = ("eval", "fid", tiny_run, "--ref", tmp_path / "ref.npz", "--detector", tmp_path / "det.pt", "-n", 8,
            "--allow-small", "--device", "cpu", "--json", "--steps", 1)

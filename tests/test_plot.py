@@ -33,7 +33,7 @@ def test_plot_of_a_real_tiny_run(tiny_run, tmp_path, capsys):
            "--allow-small", "--device", "cpu", "--json", "--steps", 1)
     code, out, err = run_cli(capsys, *fid, "--checkpoints", "all")
     assert code == 0, err
-    assert [r["step"] for r in json.loads(out)] == [120, 240]
+    assert [r["step"] for r in json.loads(out)] == [80, 160]
     assert run_cli(capsys, "ema", tiny_run, "--sigma-rel", "0.03,0.08,0.15")[0] == 0
     code, out, err = run_cli(capsys, *fid, "--checkpoints", "ema")
     assert code == 0, err
@@ -45,7 +45,7 @@ def test_plot_of_a_real_tiny_run(tiny_run, tmp_path, capsys):
     assert panels["tangent RMS by t-bin"] == [f"tangent_rms_t{i}" for i in range(4)]
     assert "loss" in panels["loss by t-bin (unweighted)"][0]
     assert panels["metric over checkpoints (scmctl eval --checkpoints)"] == ["FID n=8 1-step"]
-    assert panels["metric over post-hoc EMA length"] == ["FID n=8 1-step @ step 240"]
+    assert panels["metric over post-hoc EMA length"] == ["FID n=8 1-step @ step 160"]
     img = np.asarray(Image.open(tmp_path / "run.png").convert("L"))
     assert img.shape == (1080, 1440)
     assert (img < 128).mean() > 0.01  # curves, labels and axes drawn, not a blank page

@@ -53,6 +53,7 @@ from scmctl.fileio import write_text_atomic
 from scmctl.nn.unet import UNet, build_network
 from scmctl.training import checkpoint as ckpt_io
 from scmctl.training.ema import EMA
+from scmctl.training.phema import PowerEMAs, save_snapshots, snapshot_due
 
 
 def select_device(name: str) -> torch.device:
@@ -208,8 +209,9 @@ def _autocast_factory(device: torch.device, precision: str) -> Optional[Callable
 
 
 def build_model(cfg: Config, net: UNet, dist: distributed.Dist, teacher: Optional[UNet] = None,
-                ema: Optional[EMA] = None) -> Model:
-    """Wrap `net` for `cfg.train` (parallel, precision, compile); with FSDP also shard `ema.net`."""
+                ema: Optional[EMA] = None, phemas: Sequence[EMA] = ()) -> Model:
+    """Wrap `net` for `cfg.train` (parallel, precision, compile); with FSDP also shard `ema.net`
+    and the post-hoc EMA profiles' networks."""
     tc = cfg.train
     if dist.world == 1 and tc.precision == "fp32" and not tc.compile:
         return plain_model(net, teacher)  # the single-process path: no wrapper at all
@@ -226,8 +228,8 @@ def build_model(cfg: Config, net: UNet, dist: distributed.Dist, teacher: Optiona
     elif dist.world > 1 and tc.parallel == "fsdp":
         mesh = _device_mesh(dist)
         shard_network(net, mesh)
-        if ema is not None:
-            shard_network(ema.net, mesh, forward_methods=())
+        for e in ([ema] if ema is not None else []) + list(phemas):
+            shard_network(e.net, mesh, forward_methods=())
         fsdp = True
     if tc.compile:
         module = torch.compile(module)
@@ -450,16 +452,23 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[UNet] = None,
         ckpt_io.load_state(net, state["net"], str(latest))
         ema = EMA(net, tc.ema_sigma_rel, tc.ema_halflife_images, tc.batch)
         ckpt_io.load_state(ema.net, state["ema"], str(latest))
+        phemas = PowerEMAs(net, tc.phema_sigma_rels)
+        if phemas and "phema" not in state:
+            raise UsageError(f"{latest}: holds no post-hoc EMA profiles (an older checkpoint); resume "
+                             "with --set train.phema_sigma_rels=[]")
+        if phemas:
+            phemas.load_state_dict(state["phema"], str(latest))
         start = int(state["step"])
     else:
         if init_state is not None:
             ckpt_io.load_state(net, init_state, "--init/--teacher", allow_missing=("emb_guidance.", "guidance_gain"))
             net.renormalize_()
         ema = EMA(net, tc.ema_sigma_rel, tc.ema_halflife_images, tc.batch)
+        phemas = PowerEMAs(net, tc.phema_sigma_rels)
         start = 0
     names = [n for n, _ in net.named_parameters()]
     shapes = {n: tuple(p.shape) for n, p in net.named_parameters()}
-    model = build_model(cfg, net, dist, teacher, ema)
+    model = build_model(cfg, net, dist, teacher, ema, phemas.emas)
     opt = make_optimizer(cfg, net.parameters())
     if state is not None:
         _load_optimizer(model, opt, state["optimizer"], names, shapes)
@@ -510,6 +519,7 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[UNet] = None,
                     check_gradients_agree(model.net.parameters(), step + 1)
                 grad_norm, skipped = apply_update(cfg, model, opt, lr)
                 ema.update(net, step + 1)
+                phemas.update(net, step + 1)
                 done = step + 1
                 imgs_since += tc.batch
                 if done % tc.log_every == 0 or done == end:
@@ -531,8 +541,15 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[UNet] = None,
                 stopping = distributed.any_rank(stop.requested, device) if dist.world > 1 else stop.requested
                 want_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps or stopping
                 want_grid = tc.grid_every > 0 and (done % tc.grid_every == 0 or done == tc.steps)
-                if want_ckpt or want_grid:
-                    full = _FullState(model, ema, opt, names, shapes, dist)
+                want_snapshot = bool(phemas) and (done == tc.steps or snapshot_due(
+                    done, tc.batch, tc.phema_every or tc.checkpoint_every * tc.batch))
+                if want_ckpt or want_grid or want_snapshot:
+                    full = _FullState(model, ema, opt, names, shapes, dist, phemas)
+                    if want_snapshot:
+                        states = full.phema_states()  # a collective under FSDP2
+                        if main:
+                            save_snapshots(run_dir, done, done * tc.batch / 1000, kind, cfg.to_dict(),
+                                           phemas.sigma_rels, states)
                     if want_ckpt:
                         _save(run_dir, cfg, kind, done, full, main)
                     if want_grid:
@@ -590,8 +607,10 @@ class _FullState:
     """Full (unsharded) network, EMA and optimizer state dicts for rank 0, gathered once per step
     when a checkpoint or grid needs them (under FSDP2 a collective: every process takes part)."""
 
-    def __init__(self, model: Model, ema: EMA, opt, names: list[str], shapes: dict, dist: distributed.Dist):
+    def __init__(self, model: Model, ema: EMA, opt, names: list[str], shapes: dict, dist: distributed.Dist,
+                 phemas: Optional[PowerEMAs] = None):
         self.model, self.ema, self.opt, self.names, self.shapes = model, ema, opt, names, shapes
+        self.phemas = phemas
         self.main = dist.is_main
         self._cache: dict = {}
 
@@ -617,6 +636,12 @@ class _FullState:
         if "ema" not in self._cache:
             self._cache["ema"] = self._model_state(self.ema.net)
         return self._cache["ema"]
+
+    def phema_states(self) -> list[dict]:
+        """The post-hoc EMA profiles' full state dicts (empty when none are tracked)."""
+        if "phema" not in self._cache:
+            self._cache["phema"] = [self._model_state(e.net) for e in (self.phemas.emas if self.phemas else [])]
+        return self._cache["phema"]
 
     def optimizer(self) -> dict:
         if not self.model.fsdp:
@@ -667,12 +692,14 @@ class _StopRequest:
 
 def _save(run_dir: Path, cfg: Config, kind: str, step: int, full: _FullState, main: bool) -> Optional[Path]:
     net, ema, opt = full.net(), full.ema_state(), full.optimizer()  # collectives under FSDP2
+    phema = full.phema_states()
     if not main:
         return None
     path = run_dir / f"checkpoint-{step:07d}.pt"
+    extra = {"phema": {"sigma_rels": full.phemas.sigma_rels, "emas": phema}} if phema else {}
     ckpt_io.save_atomic({
         "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": kind, "step": step,
-        "config": cfg.to_dict(), "net": net, "ema": ema, "optimizer": opt,
+        "config": cfg.to_dict(), "net": net, "ema": ema, "optimizer": opt, **extra,
     }, path)
     ckpt_io.prune(run_dir, cfg.train.keep_checkpoints)
     return path

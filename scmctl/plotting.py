@@ -131,6 +131,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike, title: str | No
                                                             ("skipped", "skipped steps")], smooth=False)
     a.yaxis.get_major_locator().set_params(integer=True)
     a.set_ylim(0, 1.1 * max(1.0, _peak(stats, "masked"), _peak(stats, "skipped")))
+    totals = [int(np.nansum(_series(stats, k))) for k in ("masked", "skipped")]
+    a.text(0.02, 0.9, f"total: {totals[0]} masked samples, {totals[1]} skipped steps in {len(stats)} logged steps",
+           transform=a.transAxes, fontsize=10, color="0.25")
     panel("gradient norm (before clipping)", [("grad_norm", "grad norm")], log=True)
     a = panel("learning rate", [("lr", "lr")], smooth=False)
     if _peak(stats, "lr") > 0:
@@ -157,6 +160,8 @@ def _empty(a, text: str) -> None:
 def _group_label(row: dict) -> str:
     gen = row.get("generator") or {}
     parts = [row["metric"].upper().replace("FD_DINOV2", "FD_DINOv2"), f"n={row.get('n')}"]
+    if row.get("detector") not in (None, "inception", "dinov2"):
+        parts.append(f"[{Path(row['detector']).name}]")
     if gen.get("steps") is not None:
         parts.append(f"{gen['steps']}-step")
     return " ".join(parts)

@@ -44,8 +44,8 @@ def test_plot_of_a_real_tiny_run(tiny_run, tmp_path, capsys):
     panels = json.loads(out)["panels"]
     assert panels["tangent RMS by t-bin"] == [f"tangent_rms_t{i}" for i in range(4)]
     assert "loss" in panels["loss by t-bin (unweighted)"][0]
-    assert panels["metric over checkpoints (scmctl eval --checkpoints)"] == ["FID n=8 1-step"]
-    assert panels["metric over post-hoc EMA length"] == ["FID n=8 1-step @ step 160"]
+    assert panels["metric over checkpoints (scmctl eval --checkpoints)"] == ["FID n=8 [det.pt] 1-step"]
+    assert panels["metric over post-hoc EMA length"] == ["FID n=8 [det.pt] 1-step @ step 160"]
     img = np.asarray(Image.open(tmp_path / "run.png").convert("L"))
     assert img.shape == (1080, 1440)
     assert (img < 128).mean() > 0.01  # curves, labels and axes drawn, not a blank page

@@ -68,6 +68,10 @@ def ema_cmd(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A train
         results.append({"sigma_rel": rec.sigma_rel, "gamma": rec.gamma, "out": str(path),
                         "sha256": sha256_file(path), "snapshots": len(rec.used),
                         "profile_error": rec.profile_error})
+        if rec.profile_error > 0.05:
+            console.print(escape(f"note: σ_rel {rec.sigma_rel} is poorly expressed by the stored profiles (relative "
+                                 f"profile error {rec.profile_error:.0%}); track a closer one with "
+                                 "train.phema_sigma_rels"), soft_wrap=True)
         if not json_out:
             console.print(escape(f"σ_rel {rec.sigma_rel:.4f} (γ {rec.gamma:.2f}) at step {rec.step}: {len(rec.used)} "
                                  f"snapshots, profile error {rec.profile_error:.1e} -> {path}"), soft_wrap=True)

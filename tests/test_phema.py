@@ -165,6 +165,7 @@ def test_ema_command_bad_input(tiny_run, tmp_path, capsys):
                          ((tiny_run, "--sigma-rel", "0.5"), "must be in (0, 0.2887]"),
                          ((tiny_run, "--sigma-rel", "0.05,0.06", "--out", tmp_path / "a.pt"), "give a folder"),
                          ((tiny_run, "--sigma-rel", "0.05", "--at", 5), "first snapshot"),
+                         ((tiny_run, "--sigma-rel", "0.05", "--at", 170), "last snapshot"),
                          ((tmp_path / "nope", "--sigma-rel", "0.05"), "not a run directory")]:
         code, _, err = run_cli(capsys, "ema", *args)
         assert_one_line_error(code, err, needle)

@@ -213,6 +213,8 @@ def reconstruct(run_dir: str | os.PathLike, sigma_rels: Sequence[float], at: int
                          "train.phema_sigma_rels set (default [0.05, 0.1])")
     if at is None:
         at = snaps[-1].step
+    if at > snaps[-1].step:
+        raise UsageError(f"--at {at}: the last snapshot of {run_dir} is at step {snaps[-1].step}")
     usable = [s for s in snaps if s.step <= at]
     if not usable:
         raise UsageError(f"--at {at}: the first snapshot of {run_dir} is at step {snaps[0].step}")

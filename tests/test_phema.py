@@ -11,6 +11,7 @@ import scipy.integrate
 import torch
 
 from _cli import assert_one_line_error, run as run_cli
+from test_cli import assert_bad_input  # training prints its setup line before a resume error
 from scmctl.training import phema
 from scmctl.training.ema import EMA, sigma_rel_to_gamma
 
@@ -169,3 +170,23 @@ def test_ema_command_bad_input(tiny_run, tmp_path, capsys):
                          ((tmp_path / "nope", "--sigma-rel", "0.05"), "not a run directory")]:
         code, _, err = run_cli(capsys, "ema", *args)
         assert_one_line_error(code, err, needle)
+
+
+def test_resume_changes_to_the_tracked_profiles(tmp_path, capsys):
+    """A checkpoint without profiles (tracking off, or an older scmctl) resumes only with tracking
+    off; tracking may stop on resume; another list than the checkpoint's is refused with the fix."""
+    small = ["train", "--preset", "tiny", "--batch", "4", "--set", "data.resolution=8",
+             "--set", "network.model_channels=8", "--set", "network.attn_resolutions=[]",
+             "--set", "train.grid_every=0", "--set", "train.checkpoint_every=1", "--run-dir", tmp_path / "r"]
+    assert run_cli(capsys, *small, "--steps", 1, "--set", "train.phema_sigma_rels=[]")[0] == 0
+    code, _, err = run_cli(capsys, *small, "--steps", 2)
+    assert_bad_input(code, err, "no post-hoc EMA profiles", "train.phema_sigma_rels=[]")
+    assert run_cli(capsys, *small, "--steps", 2, "--set", "train.phema_sigma_rels=[]")[0] == 0
+    other = ["--run-dir", tmp_path / "s"]
+    assert run_cli(capsys, *small, *other, "--steps", 1)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "s" / "phema").iterdir()) == ["phema-0000001-0.0500.pt",
+                                                                         "phema-0000001-0.1000.pt"]
+    code, _, err = run_cli(capsys, *small, *other, "--steps", 2, "--set", "train.phema_sigma_rels=[0.05]")
+    assert_bad_input(code, err, "σ_rel [0.05, 0.1]", "train.phema_sigma_rels=[0.05,0.1]")
+    assert run_cli(capsys, *small, *other, "--steps", 2, "--set", "train.phema_sigma_rels=[]")[0] == 0
+    assert "phema" not in torch.load(tmp_path / "s" / "checkpoint-0000002.pt", weights_only=True)

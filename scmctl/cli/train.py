@@ -16,7 +16,7 @@ from scmctl.errors import UsageError
 # another number of GPUs, or with DDP instead of FSDP2 (the checkpoint format is the same).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.grid_every",
                      "train.keep_checkpoints", "train.device", "train.batch_per_gpu",
-                     "train.parallel", "train.compile", "train.check_grads_every", "sample.")
+                     "train.parallel", "train.compile", "train.check_grads_every", "train.phema_", "sample.")
 # Network fields a student takes from its own config rather than from the checkpoint it starts from.
 OWN_NETWORK_FIELDS = ("dropout", "dropout_max_resolution", "label_dropout", "guidance_input",
                       "attention_backend", "attention_jvp")

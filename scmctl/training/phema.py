@@ -129,7 +129,8 @@ class PowerEMAs:
     def load_state_dict(self, state: dict, where: str) -> None:
         if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
             raise UsageError(f"{where}: tracks post-hoc EMA profiles σ_rel {state['sigma_rels']}, the config "
-                             f"asks for {self.sigma_rels}")
+                             f"asks for {self.sigma_rels}; resume with --set train.phema_sigma_rels="
+                             f"[{','.join(str(x) for x in state['sigma_rels'])}] (or [] to stop tracking)")
         for ema, s in zip(self.emas, state["emas"]):
             ckpt_io.load_state(ema.net, s, where)
 

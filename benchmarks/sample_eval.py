@@ -116,7 +116,7 @@ def main() -> None:
     from scmctl.generation import PngFolder, open_generator
     from scmctl.nn.unet import build_network
     from scmctl.training import checkpoint as ck
-    from scmctl.training.loop import select_device
+    from scmctl.devices import select_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

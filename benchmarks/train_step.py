@@ -58,7 +58,9 @@ def child(args) -> dict:
     from scmctl import config
     from scmctl.distributed import Dist
     from scmctl.nn.unet import build_network
-    from scmctl.training.loop import build_model, make_optimizer, select_device, training_step
+    from scmctl.devices import select_device
+    from scmctl.training.loop import build_model, make_optimizer, training_step
+    from scmctl.training.run_config import resolve_for_run
 
     torch.set_num_threads(args.threads)
     cfg = config.resolve(args.preset, args.method, args.set)
@@ -71,8 +73,8 @@ def child(args) -> dict:
     teacher = None
     if args.method == "scd":
         teacher = build_network(net_cfg, dev).eval().requires_grad_(False)
-        if cfg.loss.max_guidance > 1 and net_cfg.num_classes:
-            net_cfg.guidance_input = True  # as `scmctl distill` builds the student
+    cfg, _ = resolve_for_run(cfg, device=args.device)  # as `scmctl train/distill` runs it
+    net_cfg = cfg.network
     net = build_network(net_cfg, dev).train()
     model = build_model(cfg, net, Dist(device=dev), teacher)
     opt = make_optimizer(cfg, net.parameters())

@@ -27,6 +27,11 @@ METHODS = ("diffusion", "sct", "scd")
 MAX_SIGMA_REL = math.sqrt(1 / 12)
 
 
+def model_kind(method: str) -> str:
+    """The kind of model a training method makes: 'diffusion' (the teacher) or 'consistency'."""
+    return "diffusion" if method == "diffusion" else "consistency"
+
+
 @dataclass
 class DataConfig:
     path: Optional[str] = None            # dataset path; "digits" = the built-in 8x8 digits

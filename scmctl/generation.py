@@ -83,9 +83,9 @@ def load_for_sampling(model: str | os.PathLike, weights: str = "ema", device="au
     """(net, config, kind, checkpoint dict, device) for a checkpoint file or a run directory's latest."""
     from scmctl.config import from_dict
     from scmctl.training import checkpoint as ckpt_io
-    from scmctl.training.loop import select_device
+    from scmctl.devices import select_device
 
-    dev = device if isinstance(device, torch.device) else select_device(device)
+    dev = select_device(device)
     ckpt = ckpt_io.load(model, map_location="cpu")
     net = ckpt_io.network_from_checkpoint(ckpt, weights, dev)
     return net, from_dict(ckpt["config"]), ckpt["kind"], ckpt, dev
@@ -113,7 +113,7 @@ class Generator:
                  steps: int, t_mid: float, ts: Optional[list[float]], solver: str, guidance: float,
                  label: Optional[int], weights: str):
         from scmctl import trigflow
-        from scmctl.sampling import consistency_times
+        from scmctl.sampling import consistency_times, evaluations_per_call
 
         self.net, self.cfg, self.kind, self.device = net, cfg, kind, device
         self.steps, self.t_mid, self.ts, self.solver = steps, t_mid, ts, solver
@@ -133,6 +133,7 @@ class Generator:
                 raise UsageError(f"--solver must be heun, dpm2s or euler, got '{solver}'")
             self.times = None
             self.nfe = steps if solver == "euler" else 2 * steps - 1  # last step to t = 0 is 1st order
+        self.nfe *= evaluations_per_call(net, self.guidance)  # guided: F_c and F_u per call
 
     @property
     def uses_t_mid(self) -> bool:

@@ -30,22 +30,32 @@ def per_image_draws(seeds: Sequence[int], shape: tuple[int, ...], num_noises: in
     return z, lab
 
 
+def evaluations_per_call(net, guidance: float, conditional: bool = True) -> int:
+    """Network evaluations per velocity call: 2 for classifier-free guidance of a conditional
+    model without a guidance input (F_c and F_u), else 1."""
+    takes_guidance = getattr(net, "emb_guidance", None) is not None
+    guided = conditional and bool(getattr(net, "num_classes", 0)) and float(guidance) != 1.0
+    return 2 if (guided and not takes_guidance) else 1
+
+
 class Velocity:
     """F(x_t/σ_d, t) for sampling, with classifier-free guidance where the model takes it:
     a student with a guidance input gets s directly; a conditional teacher gets
-    F_u + s·(F_c − F_u) (2 evaluations); unconditional models ignore s."""
+    F_u + s·(F_c − F_u) (2 evaluations); unconditional models ignore s. `nfe` counts network
+    evaluations (2 per guided call)."""
 
     def __init__(self, net, sigma_data: float, labels: Optional[torch.Tensor], guidance: float = 1.0):
         self.net, self.sigma_data, self.labels, self.guidance = net, sigma_data, labels, guidance
         self.nfe = 0
         self.takes_guidance = getattr(net, "emb_guidance", None) is not None
+        self.evaluations = evaluations_per_call(net, guidance, labels is not None)
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         n = x_t.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).reshape(-1).expand(n)
         x = x_t / self.sigma_data
-        self.nfe += 1
+        self.nfe += self.evaluations
         if self.takes_guidance:
             g = torch.full((n,), float(self.guidance), device=x_t.device)
             return self.net(x, t, self.labels, g)

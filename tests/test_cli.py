@@ -261,12 +261,24 @@ def test_sample_image_k_does_not_depend_on_batch_size(tmp_path, capsys):
     rd = tmp_path / "r"
     assert run(capsys, "train", "--run-dir", rd, *SMALL, "--steps", 2)[0] == 0
     from scmctl.data.imageio import read_image
+    from scmctl.training import checkpoint as ckpt_io
+
+    # after 2 steps out_gain is still near its initial 0 and every image would be its scaled noise
+    # whatever the network computed: give the network a full-size output
+    ck = ckpt_io.load(rd)
+    ck.pop("path", None)
+    ck["ema"]["out_gain"] = torch.tensor(1.0)
+    torch.save(ck, tmp_path / "gain1.pt")
     outs = []
     for b in (1, 4):
         o = tmp_path / f"b{b}"
-        assert run(capsys, "sample", rd, "-n", 5, "--seed", 10, "--batch", b, "--out", o)[0] == 0
+        assert run(capsys, "sample", tmp_path / "gain1.pt", "-n", 5, "--seed", 10, "--batch", b, "--out", o)[0] == 0
         outs.append({p.name: read_image(p).astype(int) for p in o.glob("*.png")})
+    o = tmp_path / "plain"
+    assert run(capsys, "sample", rd, "-n", 5, "--seed", 10, "--out", o)[0] == 0
+    plain = {p.name: read_image(p).astype(int) for p in o.glob("*.png")}
     assert sorted(outs[0]) == [f"{i:06d}.png" for i in range(10, 15)]
+    assert max(np.abs(outs[0][k] - plain[k]).max() for k in plain) > 5  # the network's output shows
     for k in outs[0]:
         assert np.abs(outs[0][k] - outs[1][k]).max() <= 1
 

@@ -426,7 +426,9 @@ def test_eval_ref_then_fid_equals_direct_computation(capsys, data, tmp_path):
     # the same number when the reference folder is given directly
     r2 = ok_json(capsys, "eval", "fid", data["A"], "--ref", data["B"], "--detector", data["det"], "--allow-small",
                  "--json", "--device", "cpu")
-    assert r2["value"] == pytest.approx(r["value"], rel=1e-9)
+    # features of the folder at the default batch vs --batch 7 for the reference: float32 features
+    # differ with the batch shape on some CPUs (observed 4.8e-8 relative), so compare at 1e-6
+    assert r2["value"] == pytest.approx(r["value"], rel=1e-6)
 
     # KID from the stored features = KID computed directly on those features
     k = ok_json(capsys, "eval", "kid", data["A"], "--ref", ref, "--detector", data["det"], "--subsets", 5,

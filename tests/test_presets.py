@@ -37,11 +37,12 @@ def test_parameter_count_matches_paper(name, size):
     assert cfg.network.model_channels == WIDTH[size]
     paper = PAPER_PARAMS[size] * 1e6
     ours = count_parameters(cfg.network)
-    # Within 8% with adaptive double normalization, the difference explained in the preset: the
-    # shift outputs AdaDN adds to each block's embedding projection ...
-    assert abs(ours / paper - 1) < 0.08
-    # ... which is the whole difference: EDM2's gain-only modulation gives the paper's count (±3%,
-    # in fact ±0.02%, the rounding of the published figure).
+    # Adaptive double normalization adds the shift outputs of each block's embedding projection:
+    # observed +4.885% .. +4.899% over the paper's count for every size; the band 4.5%..5.3% fails
+    # without AdaDN (0%) and for a missing or doubled shift projection.
+    assert 0.045 < ours / paper - 1 < 0.053
+    # ... which is the whole difference: EDM2's gain-only modulation gives the paper's count
+    # (observed within ±0.016%, the rounding of the published figure; band ±0.3%).
     cfg.network.adaptive_double_norm = False
     assert abs(count_parameters(cfg.network) / paper - 1) < 0.003
 

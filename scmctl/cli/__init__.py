@@ -30,6 +30,10 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps UsageError to exit code 2 with one line on stderr."""
     _register()
+    from scmctl import progress
+    from scmctl.cli.common import rich_bar
+
+    progress.use(rich_bar)  # the core reports progress; the CLI draws it
     # PyTorch's forward-AD loads TorchScript decompositions on first use and warns about its own
     # use of torch.jit.script; that is not actionable for a user.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Any
+from typing import Any, Iterator
+
+from scmctl import progress as core_progress
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -41,3 +44,22 @@ def progress(disable: bool = False) -> Progress:
         disable=disable,
         transient=False,
     )
+
+
+class _RichBar(core_progress.Bar):
+    def __init__(self, bar: Progress, task):
+        self.bar, self.task = bar, task
+
+    def update(self, completed=None, advance=0, info=None) -> None:
+        kw = {} if info is None else {"info": info}
+        if completed is not None:
+            self.bar.update(self.task, completed=completed, **kw)
+        else:
+            self.bar.update(self.task, advance=advance, **kw)
+
+
+@contextlib.contextmanager
+def rich_bar(description: str, total: int, completed: int = 0, info: str = "") -> Iterator[_RichBar]:
+    """The core's progress renderer (scmctl.progress.use): one rich bar on stderr per task."""
+    with progress() as bar:
+        yield _RichBar(bar, bar.add_task(description, total=total, completed=completed, info=info))

@@ -188,11 +188,11 @@ def _evaluate(samples: str, opts: EvalOptions, metric: _Metric) -> None:
     """Run `metric` on SAMPLES (one record) or on each checkpoint selected by --checkpoints (one row
     each, cached in the run directory by checkpoint sha256 and settings)."""
     from scmctl.cli.common import emit_json
-    from scmctl.metrics import resolve_device
+    from scmctl.devices import select_device
 
     if opts.batch < 1:
         raise UsageError(f"--batch {opts.batch}: must be at least 1")
-    dev = resolve_device(opts.device)
+    dev = select_device(opts.device)
     if opts.checkpoints is None:
         sets, generator = _sets(samples, opts, dev, metric.min_samples, metric.label)
         det = _detector(opts, dev)
@@ -318,7 +318,8 @@ def ref_cmd(
 ) -> None:
     """Reference statistics of DATA (streamed float64 mean and covariance) with provenance."""
     from scmctl.cli.common import console, emit_json
-    from scmctl.metrics import load_detector, resolve_device
+    from scmctl.devices import select_device
+    from scmctl.metrics import load_detector
     from scmctl.metrics.reference import compute_reference, save_reference
     from scmctl.metrics.sources import open_data_images, random_subset
 
@@ -331,7 +332,7 @@ def ref_cmd(
     if features < 0:
         raise UsageError(f"--features {features}: must be >= 0")
     source = random_subset(open_data_images(data), num, seed, "-n")
-    dev = resolve_device(device)
+    dev = select_device(device)
     det = load_detector(detector, mode, dev, _inception_path(inception, inception_weights),
                         dinov2_weights=dinov2, download=download)
     stats, kept = compute_reference(source, det, batch, features, seed)

@@ -16,10 +16,10 @@ from scmctl.errors import UsageError
 # another number of GPUs, or with DDP instead of FSDP2 (the checkpoint format is the same).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.grid_every",
                      "train.keep_checkpoints", "train.device", "train.batch_per_gpu",
-                     "train.parallel", "train.compile", "train.check_grads_every", "train.phema_", "sample.")
-# Network fields a student takes from its own config rather than from the checkpoint it starts from.
-OWN_NETWORK_FIELDS = ("dropout", "dropout_max_resolution", "label_dropout", "guidance_input",
-                      "attention_backend", "attention_jvp")
+                     "train.parallel", "train.compile", "train.check_grads_every", "train.phema_", "sample.",
+                     # the run's config records what these scale-out fields made of them (both jvp
+                     # modes compute the same loss; every attention backend the same attention)
+                     "loss.jvp_mode", "network.attention_backend")
 
 PRESET = typer.Option("tiny", "--preset", help="Preset name (see presets/) or a YAML file.")
 DATA = typer.Option(None, "--data", help="Dataset: image folder, cifar-10-python.tar.gz, .npz/.npy; default: the preset's (tiny: built-in digits).")
@@ -44,7 +44,8 @@ def train_cmd(preset: str = PRESET, data: Optional[str] = DATA, run_dir: Optiona
     if objective not in ("consistency", "diffusion"):
         raise UsageError(f"--objective must be 'consistency' or 'diffusion', got '{objective}'")
     method = "sct" if objective == "consistency" else "diffusion"
-    _run(method, preset, data, run_dir, init, None, steps, batch, seed, set_, dry_run, json_out)
+    _run(method, preset=preset, data=data, run_dir=run_dir, init=init, teacher=None, steps=steps, batch=batch,
+         seed=seed, overrides=set_, dry_run=dry_run, json_out=json_out)
 
 
 @app.command("distill")
@@ -54,46 +55,42 @@ def distill_cmd(teacher: str = typer.Option(..., "--teacher", help="Teacher chec
                 seed: Optional[int] = SEED, set_: List[str] = SET, dry_run: bool = DRY,
                 json_out: bool = JSON) -> None:
     """Consistency distillation (sCD) from a diffusion teacher (student starts from its EMA weights)."""
-    _run("scd", preset, data, run_dir, init, teacher, steps, batch, seed, set_, dry_run, json_out)
+    _run("scd", preset=preset, data=data, run_dir=run_dir, init=init, teacher=teacher, steps=steps, batch=batch,
+         seed=seed, overrides=set_, dry_run=dry_run, json_out=json_out)
 
 
-def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overrides, dry_run, json_out):
+def _run(method: str, *, preset: str, data: Optional[str], run_dir: Optional[Path], init: Optional[str],
+         teacher: Optional[str], steps: Optional[int], batch: Optional[int], seed: Optional[int],
+         overrides: List[str], dry_run: bool, json_out: bool) -> None:
+    """Resolve the config (once), then dry-run or train; the options as the command line gave them."""
     from scmctl import config as config_mod
-
-    cfg = config_mod.resolve(preset, method, overrides, **{"train.steps": steps, "train.batch": batch,
-                                                         "train.seed": seed, "data.path": data})
     from scmctl import distributed
-    from scmctl.training.loop import check_scaleout
+    from scmctl.training.parallel import check_scaleout
+    from scmctl.training.run_config import load_data, resolve_for_run
 
-    check_scaleout(cfg, distributed.world_size())  # before any data is read or process group made
-    teacher_ckpt = init_ckpt = None
-    if teacher is not None:
-        teacher_ckpt = _load_ckpt(teacher)
+    teacher_ckpt = _load_ckpt(teacher) if teacher is not None else None
+    init_ckpt = _load_ckpt(init) if init is not None else None
+    fields = {"train.steps": steps, "train.batch": batch, "train.seed": seed, "data.path": data,
+              "teacher": teacher_ckpt and teacher_ckpt["path"], "init": init_ckpt and init_ckpt["path"]}
+    if teacher_ckpt is not None:
         if teacher_ckpt["kind"] != "diffusion":
             raise UsageError(f"--teacher {teacher}: is a {teacher_ckpt['kind']} model; sCD needs a "
                              "diffusion teacher (scmctl train --objective diffusion)")
-        cfg.teacher = teacher_ckpt["path"]
-        tdata = teacher_ckpt["config"]["data"]
         if data is None and not any(o.startswith("data.") for o in overrides):
-            cfg.data = config_mod.from_dict({"data": tdata}).data  # the teacher's data by default
-    if init is not None:
-        init_ckpt = _load_ckpt(init)
-        cfg.init = init_ckpt["path"]
-    source = init_ckpt or teacher_ckpt
-    if source is not None:  # the network must match the weights it starts from
-        net_cfg = config_mod.from_dict({"network": source["config"]["network"]}).network
-        for f in OWN_NETWORK_FIELDS:
-            setattr(net_cfg, f, getattr(cfg.network, f))
-        cfg.network = net_cfg
-        if abs(source["config"]["data"]["sigma_data"] - cfg.data.sigma_data) > 1e-12:
-            raise UsageError(f"{source['path']}: was trained with sigma_data="
-                             f"{source['config']['data']['sigma_data']}, config has {cfg.data.sigma_data}")
+            for k, v in teacher_ckpt["config"]["data"].items():  # the teacher's data by default
+                fields[f"data.{k}"] = "null" if v is None else v  # (None would mean "not given")
+    cfg = config_mod.resolve(preset, method, overrides, **fields)
+    world = distributed.world_size()
+    check_scaleout(cfg, world)  # before any data is read or process group made
 
     dims_known = None not in (cfg.network.resolution, cfg.network.channels, cfg.network.num_classes)
-    dataset = None if (dry_run and dims_known) else _fill_from_data(cfg, preset)
-    if method == "scd" and cfg.loss.max_guidance > 1 and cfg.network.num_classes:
-        cfg.network.guidance_input = True
-    config_mod.validate(cfg)
+    if cfg.data.path is None and not (dry_run and dims_known):
+        raise UsageError(f"preset '{preset}' names no dataset: pass --data PATH (an image folder, "
+                         "cifar-10-python.tar.gz, .npz/.npy, a folder made by scmctl data), or "
+                         "--data digits for the built-in digits")
+    dataset = None if (dry_run and dims_known) else load_data(cfg)
+    cfg, notes = resolve_for_run(cfg, world=world, device=cfg.train.device, dataset=dataset,
+                                 source=init_ckpt or teacher_ckpt)
 
     from scmctl.nn.unet import count_parameters
 
@@ -110,10 +107,9 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
     _check_resume(run_dir, cfg)
 
     from scmctl.training.loop import train
+    from scmctl.training.run_dir import last_stats
 
-    teacher_net = None
-    if teacher_ckpt is not None:
-        teacher_net = _network_from(teacher_ckpt)
+    teacher_net = _network_from(teacher_ckpt) if teacher_ckpt is not None else None
     init_state = (init_ckpt or teacher_ckpt or {}).get("ema")
     # Under torchrun: one process group for the run; only rank 0 prints, writes and reports.
     dist = distributed.init(cfg.train.device) if distributed.launched() else None
@@ -125,6 +121,8 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
             console.print(f"[bold]{method}[/bold] on {dataset.source}: {len(dataset)} examples "
                           f"{(net.channels, net.resolution, net.resolution)}, {params:,} parameters"
                           f"{procs}, run directory {run_dir}")
+            for note in notes:
+                console.print(note)
         summary = train(cfg, run_dir, dataset, teacher=teacher_net, init_state=init_state,
                         show_progress=main, dist=dist)
     finally:
@@ -132,8 +130,7 @@ def _run(method, preset, data, run_dir, init, teacher, steps, batch, seed, overr
             distributed.shutdown()
     if not main:
         return
-    last = _last_stats(run_dir)
-    summary.update({"params": params, "loss": last.get("loss")})
+    summary.update({"params": params, "loss": last_stats(run_dir).get("loss")})
     if summary.get("stopped_early"):
         console.print(f"stopped at step {summary['steps']} of {cfg.train.steps}; "
                       "re-run the same command to resume")
@@ -158,43 +155,6 @@ def _network_from(ckpt: dict):
     return network_from_checkpoint(ckpt)
 
 
-def _fill_from_data(cfg, preset: str):
-    """Load the dataset; network.resolution/channels/num_classes come from it where unset. A latent
-    dataset fills data.encoder/latent_mean/latent_std where unset and must agree where set."""
-    from scmctl.data.datasets import is_prepared, load_dataset, read_metadata
-    from scmctl.data.latents import fill_from_latent_data
-
-    if cfg.data.path is None:
-        raise UsageError(f"preset '{preset}' names no dataset: pass --data PATH (an image folder, "
-                         "cifar-10-python.tar.gz, .npz/.npy, a folder made by scmctl data), or "
-                         "--data digits for the built-in digits")
-    path = cfg.data.path
-    if cfg.data.encoder and not (is_prepared(path) and read_metadata(path)["kind"] == "latents"):
-        raise UsageError(f"the config expects VAE latents (data.encoder={cfg.data.encoder}) but "
-                         f"{path} is not a latent dataset: run `scmctl data latents {path} --out DIR "
-                         f"--vae {cfg.data.encoder}` and pass --data DIR")
-    ds = load_dataset(path, cfg.data.resolution)
-    if ds.kind == "latents":
-        fill_from_latent_data(cfg.data, ds)
-    c, h, w = ds.channels, ds.height, ds.width
-    if h != w:
-        raise UsageError(f"{ds.source}: images are {h}x{w}; scmctl trains on square images")
-    net = cfg.network
-    for key, have in (("resolution", h), ("channels", c)):
-        want = getattr(net, key)
-        if want is None:
-            setattr(net, key, have)
-        elif want != have:
-            raise UsageError(f"network.{key} is {want} but the data ({ds.source}) has {have}")
-    ncls = ds.num_classes if cfg.data.conditional else 0
-    if net.num_classes is None:
-        net.num_classes = ncls
-    elif net.num_classes != ncls:
-        raise UsageError(f"network.num_classes is {net.num_classes} but the data ({ds.source}) has {ncls} "
-                         "(set data.conditional=false for unconditional training)")
-    return ds
-
-
 def _check_resume(run_dir: Path, cfg) -> None:
     from scmctl import config as config_mod
 
@@ -217,13 +177,3 @@ def _check_resume(run_dir: Path, cfg) -> None:
         raise UsageError(f"{run_dir} was started with a different config ({k}: {o!r} -> {nw!r}"
                          f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); "
                          "resume with the same options or use a new --run-dir")
-
-
-def _last_stats(run_dir: Path) -> dict:
-    import json
-
-    p = run_dir / "stats.jsonl"
-    if not p.exists():
-        return {}
-    lines = p.read_text().strip().splitlines()
-    return json.loads(lines[-1]) if lines else {}

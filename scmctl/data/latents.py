@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from scmctl.data.imageio import from_uint8, to_uint8
+from scmctl.devices import select_device
 from scmctl.errors import UsageError
 from scmctl.fileio import sha256_file
 
@@ -221,28 +222,13 @@ _lock = threading.Lock()
 def load_vae(spec: str, device="cpu") -> VAE:
     """The VAE named by ``spec`` on ``device`` ("auto" = CUDA if available), loaded once per
     (folder, device) and kept for the process."""
-    dev = resolve_device(device)
+    dev = select_device(device)
     folder = resolve_vae(spec)
     key = (str(folder), str(dev))
     with _lock:
         if key not in _cache:
             _cache[key] = _load(spec, folder, dev)
         return _cache[key]
-
-
-def resolve_device(name) -> torch.device:
-    if isinstance(name, torch.device):
-        return name
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device '{name}' (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name}: no CUDA device is available")
-    return dev
 
 
 def offline() -> bool:

@@ -13,7 +13,7 @@ and the metrics themselves (FID / FD_DINOv2, KID, precision/recall).
 from scmctl.metrics.detectors import (DINOV2_FILE, DINOV2_URL, INCEPTION_FILE, INCEPTION_MODES, INCEPTION_URL,
                                       Detector, InceptionDetector, TorchScriptDetector, cache_dir,
                                       find_inception_weights, find_weights, load_detector, offline,
-                                      resolve_device, sha256_file)
+                                      sha256_file)
 from scmctl.metrics.fid import (MIN_SAMPLES, ImageSource, StreamingStats, compute_stats, extract_features,
                                 extract_stats, frechet_distance, iter_features, open_images)
 from scmctl.metrics.kid import kernel_inception_distance, kid_subsets, polynomial_mmd2
@@ -27,6 +27,6 @@ __all__ = [
     "TorchScriptDetector", "cache_dir", "check_dims", "compute_stats", "extract_features", "extract_stats",
     "find_inception_weights", "find_weights", "frechet_distance", "iter_features", "kernel_inception_distance",
     "kid_subsets", "knn_radii_sq", "load_detector", "load_reference", "offline", "open_images",
-    "open_reference", "polynomial_mmd2", "precision_recall", "read_pickled_arrays", "resolve_device",
+    "open_reference", "polynomial_mmd2", "precision_recall", "read_pickled_arrays",
     "sha256_file",
 ]

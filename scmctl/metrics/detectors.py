@@ -146,19 +146,6 @@ def download_weights(spec: WeightsFile, timeout: float = DOWNLOAD_TIMEOUT_S) -> 
     return dest
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` = CUDA when available, else CPU; an unusable device is a UsageError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-    return dev
-
-
 def _load_torchscript(path: Path, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in torch 2.9+

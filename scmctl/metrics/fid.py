@@ -240,16 +240,15 @@ def open_images(path: str | os.PathLike) -> ImageSource:
 
 def iter_features(source: ImageSource, detector, batch_size: int = 64, description: str = "features",
                   show_progress: bool = True) -> Iterator[np.ndarray]:
-    """float32 (B, D) feature batches of ``source`` in order, with a rich progress bar on stderr."""
+    """float32 (B, D) feature batches of ``source`` in order, reported to :mod:`scmctl.progress`."""
     import torch
 
-    from scmctl.cli.common import progress
+    from scmctl import progress
 
-    with progress(disable=not show_progress) as bar:
-        task = bar.add_task(description, total=len(source), info=detector.describe())
+    with progress.bar(description, len(source), info=detector.describe(), enabled=show_progress) as bar:
         for batch in source.batches(batch_size):
             f = detector.features(torch.from_numpy(batch).permute(0, 3, 1, 2))
-            bar.advance(task, batch.shape[0])
+            bar.update(advance=batch.shape[0])
             yield f.numpy()
 
 

@@ -126,6 +126,23 @@ class PowerEMAs:
     def state_dict(self) -> dict:
         return {"sigma_rels": list(self.sigma_rels), "emas": [e.state_dict() for e in self.emas]}
 
+    def resume(self, ckpt: dict) -> None:
+        """Continue the profiles a training checkpoint carries. One without them (tracking was off,
+        or an older scmctl) resumes only with tracking off: a profile cannot be rebuilt afterwards."""
+        if not self.emas:
+            return
+        if "phema" not in ckpt:
+            raise UsageError(f"{ckpt['path']}: holds no post-hoc EMA profiles (tracking was off, or an older "
+                             "scmctl); resume with --set train.phema_sigma_rels=[]")
+        self.load_state_dict(ckpt["phema"], ckpt["path"])
+
+    def snapshot_due(self, cfg, step: int) -> bool:
+        """Store the profiles after step `step`: every train.phema_every images (0: every checkpoint)
+        and at the run's last step."""
+        t = cfg.train
+        return bool(self.emas) and (step == t.steps or snapshot_due(step, t.batch, t.phema_every or
+                                                                    t.checkpoint_every * t.batch))
+
     def load_state_dict(self, state: dict, where: str) -> None:
         if [float(s) for s in state["sigma_rels"]] != self.sigma_rels:
             raise UsageError(f"{where}: tracks post-hoc EMA profiles σ_rel {state['sigma_rels']}, the config "

@@ -1,0 +1,54 @@
+"""The examples of a training step: which dataset indices, which RNG seed, which augmentation.
+
+Data order and every random draw of step s are derived from (seed, s) alone, so a resumed run
+reproduces the uninterrupted one bit for bit on the CPU. Global micro-batch j of step s seeds
+torch's RNG with ``micro_batch_seed(seed, s, j)`` before anything is drawn (latent posterior
+noise, flips, label dropout, then the loss's z, t and dropout masks), so a step's result depends on
+(seed, s, B, m) and not on how the micro-batches are spread over processes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from scmctl import losses
+from scmctl.config import Config
+from scmctl.data.datasets import batch_indices
+from scmctl.training.parallel import BatchLayout
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of training step `step` (independent of everything before it)."""
+    return (seed * 1_000_003 + step * 7919 + 12345) % (2 ** 63 - 1)
+
+
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The RNG seed of global micro-batch `index` of step `step` (index 0: `step_seed`)."""
+    return (step_seed(seed, step) + index * 1_000_000_007) % (2 ** 63 - 1)
+
+
+def augment(cfg: Config, x0: torch.Tensor) -> torch.Tensor:
+    """Data augmentation of one micro-batch (drawn from the micro-batch's RNG): random
+    horizontal flips with data.xflip."""
+    if cfg.data.xflip:
+        flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+    return x0
+
+
+def micro_batches(cfg: Config, dataset, layout: BatchLayout, rank: int, step: int,
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """This process's micro-batches of `step` as (x0 in model space, one-hot labels or None),
+    drawn lazily: each right after its seed is set. `dataset`: ``len(dataset)`` examples and
+    ``dataset.batch(indices) -> (x0 float32 NCHW, int64 labels or None)``."""
+    tc = cfg.train
+    num_classes = cfg.network.num_classes or 0
+    idx = batch_indices(len(dataset), tc.batch, step, tc.seed)
+    for j in layout.indices(rank):
+        torch.manual_seed(micro_batch_seed(tc.seed, step, j))
+        x0, labels = dataset.batch(idx[j * layout.micro:(j + 1) * layout.micro])
+        x0 = augment(cfg, x0.to(device))
+        labels = labels.to(device) if (labels is not None and num_classes) else None
+        yield x0, losses.drop_labels(labels, num_classes, cfg.network.label_dropout)

@@ -1,0 +1,159 @@
+"""The run directory: config.yaml, stats.jsonl, checkpoints (written atomically, pruned), post-hoc
+EMA snapshots, sample grids, and the stop request (SIGTERM/SIGINT) that ends a run with a checkpoint.
+
+Only rank 0 writes; the run directory must be on a file system every process sees. Resume = run
+the same command again: :meth:`RunDir.resume_state` finds the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from scmctl import distributed
+from scmctl.config import Config, model_kind
+from scmctl.data.imageio import save_grid
+from scmctl.fileio import write_text_atomic
+from scmctl.nn.unet import UNet
+from scmctl.training import checkpoint as ckpt_io
+from scmctl.training import phema
+from scmctl.training.parallel import FullState
+
+
+class StatsLog:
+    """stats.jsonl: one JSON object per logged step. On resume, lines after the checkpoint's step
+    are dropped (they are recomputed identically)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    pass  # a line cut off by a crash
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
+        self.f = open(path, "a")
+
+    def write(self, obj: dict) -> None:
+        self.f.write(json.dumps(obj) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag that the loop checks after each step (main thread only); a
+    context manager that restores the previous handlers."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class RunDir:
+    """One training run's folder as process `dist` sees it (rank 0 writes, everyone reads)."""
+
+    def __init__(self, path: str | Path, dist: distributed.Dist):
+        self.path, self.dist, self.main = Path(path), dist, dist.is_main
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def resume_state(self) -> Optional[dict]:
+        """The latest checkpoint (rank 0 picks it: every process resumes from the same one), or
+        None for a new run. Several processes map it from the CPU."""
+        latest = ckpt_io.latest(self.path) if self.main else None
+        if self.dist.world > 1:
+            latest = distributed.broadcast_object(None if latest is None else str(latest))
+        if latest is None:
+            return None
+        state = (ckpt_io.load(latest, map_location=self.dist.device) if self.dist.world == 1 else
+                 ckpt_io.load(latest, map_location="cpu", mmap=True))
+        return state
+
+    def write_config(self, cfg: Config) -> None:
+        """config.yaml: the run's resolved config (resuming may have raised train.steps)."""
+        if self.main:
+            write_text_atomic(self.path / "config.yaml", cfg.to_yaml())
+
+    def stats_log(self, start: int) -> Optional[StatsLog]:
+        return StatsLog(self.path / "stats.jsonl", start) if self.main else None
+
+    def save_checkpoint(self, cfg: Config, step: int, full: FullState) -> Optional[Path]:
+        """checkpoint-STEP.pt (atomic), then prune to train.keep_checkpoints."""
+        net, ema, opt = full.net(), full.ema_state(), full.optimizer()  # collectives under FSDP2
+        phema = full.phema_states()
+        if not self.main:
+            return None
+        path = self.path / f"checkpoint-{step:07d}.pt"
+        extra = {"phema": {"sigma_rels": [e.sigma_rel for e in full.phemas], "emas": phema}} if phema else {}
+        ckpt_io.save_atomic({
+            "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": model_kind(cfg.method),
+            "step": step, "config": cfg.to_dict(), "net": net, "ema": ema, "optimizer": opt, **extra,
+        }, path)
+        ckpt_io.prune(self.path, cfg.train.keep_checkpoints)
+        return path
+
+    def save_phema_snapshots(self, cfg: Config, step: int, full: FullState) -> None:
+        """phema/phema-STEP-SIGMA.pt: the post-hoc EMA profiles' weights (:mod:`scmctl.training.phema`)."""
+        states = full.phema_states()  # a collective under FSDP2
+        if self.main:
+            phema.save_snapshots(self.path, step, step * cfg.train.batch / 1000, model_kind(cfg.method),
+                                 cfg.to_dict(), [e.sigma_rel for e in full.phemas], states)
+
+    def save_grid(self, cfg: Config, step: int, full: FullState) -> Optional[Path]:
+        """grid-STEP.png from the EMA weights."""
+        net = full.ema_network(cfg, self.dist.device)  # a collective under FSDP2
+        if not self.main:
+            return None
+        return write_grid(self.path / f"grid-{step:07d}.png", net, cfg, self.dist.device)
+
+
+@torch.no_grad()
+def write_grid(path: Path, net: UNet, cfg: Config, device) -> Path:
+    """A sample grid with fixed seeds 0..grid_images−1, decoded to pixels (latent models through
+    their VAE)."""
+    from scmctl.data.latents import decode_to_uint8
+    from scmctl.sampling import generate
+
+    s = cfg.sample
+    kind = model_kind(cfg.method)
+    shape = (cfg.network.channels, cfg.network.resolution, cfg.network.resolution)
+    steps = s.steps if kind == "consistency" else s.solver_steps
+    x0, _, _ = generate(net, kind, list(range(s.grid_images)), shape, cfg.data.sigma_data, steps, s.t_mid,
+                        solver=s.solver, device=device)
+    save_grid(path, decode_to_uint8(cfg.data, x0, device))
+    return path
+
+
+def last_stats(run_dir: str | Path) -> dict:
+    """The last line of a run directory's stats.jsonl ({} when there is none)."""
+    p = Path(run_dir) / "stats.jsonl"
+    if not p.exists():
+        return {}
+    lines = p.read_text().strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}

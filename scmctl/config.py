@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ METHOD_KINDS = {"diffusion": "diffusion", "sct": "consistency", "scd": "consiste
 METHODS = tuple(METHOD_KINDS)
 KINDS = ("diffusion", "consistency")
 NETWORK_ARCHS = ("edm2", "ddpmpp", "ncsnpp")   # scmctl.nn.networks.NETWORKS builds each
+# The widest power-function EMA (EDM2 Eq. 123 at γ = 0, the uniform average over training): σ_rel = √(1/12).
+MAX_SIGMA_REL = math.sqrt(1 / 12)
 
 
 def model_kind(method: str) -> str:
@@ -102,6 +105,11 @@ class TrainConfig:
     grad_clip: float = 0.0                # max global grad norm; 0 = off
     ema_sigma_rel: float = 0.05           # power-function EMA (EDM2); 0 = use ema_halflife_images
     ema_halflife_images: float = 0.0      # classic EMA half-life in images (CIFAR-10: 0.5M)
+    # Post-hoc EMA (EDM2 Sec. 3): power-function EMAs tracked besides the one above, stored in
+    # RUN_DIR/phema/ every phema_every images (0 = with every checkpoint); [] = off. `scmctl ema`
+    # reconstructs any σ_rel from them.
+    phema_sigma_rels: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    phema_every: int = 0
     seed: int = 0
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     log_every: int = 1                    # steps between stats.jsonl lines
@@ -439,7 +447,8 @@ def validate(cfg: Config) -> None:
                          ("train.log_every", tc.log_every, 1),
                          ("train.batch_per_gpu", tc.batch_per_gpu, 0),
                          ("train.check_grads_every", tc.check_grads_every, 0),
-                         ("train.checkpoint_every", tc.checkpoint_every, 1)]:
+                         ("train.checkpoint_every", tc.checkpoint_every, 1),
+                         ("train.phema_every", tc.phema_every, 0)]:
         if val < lo:
             raise UsageError(f"config key '{key}' must be >= {lo}, got {val}")
     if not cfg.network.channel_mult:
@@ -456,6 +465,9 @@ def validate(cfg: Config) -> None:
         raise UsageError("dropout rates must be in [0, 1)")
     if tc.lr <= 0:
         raise UsageError(f"config key 'train.lr' must be > 0, got {tc.lr}")
+    if any(not 0 < s <= MAX_SIGMA_REL for s in tc.phema_sigma_rels) or len(set(tc.phema_sigma_rels)) != len(tc.phema_sigma_rels):
+        raise UsageError(f"config key 'train.phema_sigma_rels' must hold distinct values in (0, {MAX_SIGMA_REL:.4f}] "
+                         f"(power-function EMA widths), got {tc.phema_sigma_rels}")
     if cfg.loss.max_guidance < 1:
         raise UsageError("config key 'loss.max_guidance' must be >= 1")
     if tc.batch_per_gpu and tc.batch % tc.batch_per_gpu:

@@ -211,4 +211,5 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
              "tangent_warmup": r,
              "masked": int((~finite).sum())}
     stats.update(_t_bin_stats("tangent_rms", t, torch.where(finite, g_rms, torch.zeros_like(g_rms))))
+    stats.update(_t_bin_stats("loss", t[finite], raw[finite]))  # the unweighted loss per t-bin, as for diffusion
     return LossOutput(per.mean(), stats)

@@ -133,6 +133,16 @@ def test_resume_is_bit_exact(tmp_path, capsys):
     b = torch.load(part / "checkpoint-0000006.pt", weights_only=True)
     for key in ("net", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    # the post-hoc EMA profiles (default σ_rel 0.05, 0.10) resume too: checkpoints and snapshots
+    assert a["phema"]["sigma_rels"] == [0.05, 0.1]
+    for ea, eb in zip(a["phema"]["emas"], b["phema"]["emas"]):
+        assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    snaps = sorted(p.name for p in (full / "phema").glob("*.pt"))
+    extra = sorted(set(p.name for p in (part / "phema").glob("*.pt")) - set(snaps))
+    assert len(snaps) == 6 and extra == ["phema-0000003-0.0500.pt", "phema-0000003-0.1000.pt"]  # + part's last step
+    for name in snaps:
+        sa, sb = (torch.load(d / "phema" / name, weights_only=True)["ema"] for d in (full, part))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # a crash after step 6 whose last checkpoints were lost: resume from step 2 recomputes 3..6
     for p in ("checkpoint-0000006.pt", "checkpoint-0000004.pt", "checkpoint-0000003.pt"):
         (part / p).unlink()

@@ -90,6 +90,10 @@ def _assert_same_checkpoint(a: dict, b: dict, tol: float) -> None:
     for key in ("net", "ema"):
         d = _max_diff(a[key], b[key])
         assert (d == 0) if tol == 0 else (d < tol), f"{key}: max |diff| {d}"
+    assert a["phema"]["sigma_rels"] == b["phema"]["sigma_rels"] == [0.05, 0.1]  # post-hoc EMA profiles
+    for ea, eb in zip(a["phema"]["emas"], b["phema"]["emas"]):
+        d = _max_diff(ea, eb)
+        assert (d == 0) if tol == 0 else (d < tol), f"post-hoc EMA profile: max |diff| {d}"
     oa, ob = a["optimizer"], b["optimizer"]
     assert [g["params"] for g in oa["param_groups"]] == [g["params"] for g in ob["param_groups"]]
     assert oa["state"].keys() == ob["state"].keys()
@@ -195,6 +199,9 @@ def test_ddp_separate_mode_then_fsdp2_resume_match_one_process(tmp_path, capsys)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (run / "grid-0000004.png").exists()
     _assert_same_checkpoint(_ckpt(run, 4), _ckpt(one, 4), tol=TOL)
+    for name in ("phema-0000004-0.0500.pt", "phema-0000004-0.1000.pt"):  # snapshots gathered from FSDP2 shards
+        sa, sb = (torch.load(d / "phema" / name, weights_only=True)["ema"] for d in (run, one))
+        assert _max_diff(sa, sb) < TOL
     for a, b in zip(_stats(run), _stats(one)):
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-5
 

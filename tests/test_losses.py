@@ -184,3 +184,36 @@ def test_dual_and_separate_jvp_modes_agree_on_the_unet(tiny_net_cfg):
     assert torch.allclose(grads["dual"][0], grads["separate"][0], rtol=1e-8)
     for a, b in zip(grads["dual"][1], grads["separate"][1]):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-12)  # fp32 time draw and attention stats
+
+
+@pytest.mark.parametrize("jvp_mode", ["dual", "separate"])
+def test_per_t_bin_stats_match_the_replayed_samples(jvp_mode):
+    """stats' loss_t{i} (unweighted loss) and tangent_rms_t{i} are the means over the samples whose t
+    falls in bin i (a masked sample is left out of the loss bins), recomputed from replayed draws."""
+    from scmctl.losses import T_BINS
+
+    d, n = 6, 64
+    model = Affine(d)
+    x0 = torch.randn(n, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * SD
+    x0[5] = float("nan")
+    cfg = LossConfig(tangent_warmup_steps=0, tangent_norm="l2", jvp_mode=jvp_mode)
+    torch.manual_seed(9)
+    stats = consistency_loss(model, x0, None, cfg, SD, 0).stats
+    z, t = _replay_draws(x0, cfg, 9)
+    t = t.float().double()
+    c, s = torch.cos(t)[:, None], torch.sin(t)[:, None]
+    x_t = c * x0 + s * z
+    with torch.no_grad():
+        g = -c ** 2 * (SD * model(x_t / SD, t) - (c * z - s * x0)) - (c * s * x_t + SD * c * s * model.dFdt(
+            x_t / SD, c * z - s * x0, t))
+    rms = g.norm(dim=1) / math.sqrt(d)
+    raw = (g / (g.norm(dim=1, keepdim=True) + cfg.tangent_norm_c)).square().sum(1) / d
+    ok = torch.isfinite(raw)
+    seen = 0
+    for i in range(len(T_BINS) - 1):
+        m = (t >= T_BINS[i]) & (t < T_BINS[i + 1])
+        if (m & ok).any():
+            seen += 1
+            assert stats[f"loss_t{i}"] == pytest.approx(float(raw[m & ok].mean()), rel=1e-6)
+            assert stats[f"tangent_rms_t{i}"] == pytest.approx(float(torch.where(ok, rms, 0)[m].mean()), rel=1e-6)
+    assert seen >= 3 and not ok[5]

@@ -24,7 +24,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its command(s) to `app`; imports stay cheap (torch is imported lazily inside).
-    from scmctl.cli import train, sample, refine, eval as eval_cmd, data, import_  # noqa: F401
+    from scmctl.cli import train, sample, refine, eval as eval_cmd, data, import_, ema, plot  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

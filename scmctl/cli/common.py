@@ -17,8 +17,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 console = Console(stderr=True, highlight=False)
 
 
-def emit_json(obj: dict[str, Any]) -> None:
-    """Write exactly one JSON object (one line) to stdout."""
+def emit_json(obj: dict[str, Any] | list) -> None:
+    """Write exactly one JSON value (one line) to stdout: an object, or a list of rows."""
     sys.stdout.write(json.dumps(obj, sort_keys=False, default=_json_default) + "\n")
     sys.stdout.flush()
 

@@ -1,12 +1,20 @@
 """`scmctl eval ref|fid|fd-dinov2|kid|pr`: reference statistics and paper-protocol metrics.
 
 Options are parsed and checked here (cheap checks before any feature is extracted); the work is
-in :mod:`scmctl.metrics` (sources, detectors, references, :mod:`scmctl.metrics.evaluate`).
+in :mod:`scmctl.metrics` (sources, detectors, references, :mod:`scmctl.metrics.evaluate`). The
+metric commands share one options object (:class:`EvalOptions`, added to each command by
+:func:`eval_options`) and one driver (:func:`_evaluate`) that runs a metric on SAMPLES or, with
+``--checkpoints``, on each selected checkpoint of a run (cached: :mod:`scmctl.metrics.history`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import inspect
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional
 
 import typer
 
@@ -67,32 +75,178 @@ DEVICE = typer.Option("auto", "--device", help="auto (CUDA if available), cpu, c
 ALLOW_SMALL = typer.Option(False, "--allow-small", help="Allow fewer than 50,000 samples.")
 
 
+CHECKPOINTS = typer.Option(
+    None, "--checkpoints", help="SAMPLES is a run directory: evaluate each of its checkpoints (all, last, or steps "
+                                "500,1000) or its post-hoc EMAs from `scmctl ema` (ema); one row each, results "
+                                "cached in RUN_DIR/metrics.json.")
+
+
+@dataclass
+class EvalOptions:
+    """The options every metric command (fid, fd-dinov2, kid, pr) takes: the reference, the detector,
+    which samples (count, seeds, sets, sampler settings of a generating checkpoint), output, device."""
+    ref: str
+    detector: str = "inception"
+    mode: Optional[str] = None
+    inception: Optional[str] = None
+    inception_weights: Optional[str] = None
+    dinov2: Optional[str] = None
+    download: bool = False
+    num: Optional[int] = None
+    seeds: Optional[str] = None
+    repeat: int = 1
+    steps: Optional[int] = None
+    t_mid: Optional[float] = None
+    guidance: float = 1.0
+    solver: Optional[str] = None
+    checkpoints: Optional[str] = None
+    json_out: bool = False
+    batch: int = 64
+    device: str = "auto"
+
+    def settings(self) -> dict:
+        """Everything here that changes a metric's value (a cache key's part)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("checkpoints", "json_out", "batch", "device", "download", "inception_weights")}
+
+
+# Each shared option's command-line form: the typer default of the parameter named like the field.
+_OPTION_INFO = {"ref": REF, "detector": DETECTOR, "mode": MODE, "inception": INCEPTION,
+                "inception_weights": INCEPTION_OLD, "dinov2": DINOV2, "download": DOWNLOAD, "num": NUM,
+                "seeds": SEEDS, "repeat": REPEAT, "steps": STEPS, "t_mid": T_MID, "guidance": GUIDANCE,
+                "solver": SOLVER, "checkpoints": CHECKPOINTS, "json_out": JSON, "batch": BATCH, "device": DEVICE}
+
+
+def eval_options(**fixed) -> Callable:
+    """Decorator: the command's CLI gets every :class:`EvalOptions` field not in `fixed` as an option
+    (after its own parameters) and the function receives them as one `opts` keyword argument."""
+    hints = typing.get_type_hints(EvalOptions)
+
+    def decorate(fn: Callable) -> Callable:
+        own_hints = typing.get_type_hints(fn)
+        own = [p.replace(annotation=own_hints.get(p.name, p.annotation))
+               for p in inspect.signature(fn).parameters.values() if p.name != "opts"]
+        shared = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=_OPTION_INFO[f.name],
+                                    annotation=hints[f.name]) for f in fields(EvalOptions) if f.name not in fixed]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            opts = EvalOptions(**fixed, **{f.name: kwargs.pop(f.name) for f in fields(EvalOptions) if f.name not in fixed})
+            return fn(opts=opts, **kwargs)
+
+        command.__signature__ = inspect.Signature(own + shared)
+        command.__annotations__ = {p.name: p.annotation for p in own + shared}
+        del command.__wrapped__  # typer must read the signature above, not fn's
+        return command
+
+    return decorate
+
+
 def _inception_path(inception: Optional[str], old: Optional[str]) -> Optional[str]:
     if inception is not None and old is not None and inception != old:
         raise UsageError("--inception and --inception-weights name different files; pass one")
     return inception if inception is not None else old
 
 
-def _open(samples: str, *, detector: str, mode, inception, dinov2, download: bool, device: str, batch: int,
-          num, seeds, repeat: int, steps, t_mid, guidance: float, solver, min_samples: int | None = None,
-          metric: str = "FID"):
-    """Validate the cheap things first, then (sets, generator, detector)."""
-    from scmctl.devices import select_device
-    from scmctl.metrics import MIN_SAMPLES, load_detector
+def _sets(samples: str, opts: EvalOptions, dev, min_samples: int | None, label: str):
+    """The evaluated sets of SAMPLES and their generator (None for files); too few samples for a
+    Fréchet distance is an error unless allowed."""
+    from scmctl.metrics import MIN_SAMPLES
     from scmctl.metrics.sources import sample_sets
 
-    if batch < 1:
-        raise UsageError(f"--batch {batch}: must be at least 1")
-    dev = select_device(device)
-    sets, generator = sample_sets(samples, n=num, seeds=seeds, repeat=repeat, default_n=MIN_SAMPLES,
-                                  generator_options=dict(steps=steps, t_mid=t_mid, guidance=guidance,
-                                                         solver=solver, device=dev))
+    sets, generator = sample_sets(samples, n=opts.num, seeds=opts.seeds, repeat=opts.repeat, default_n=MIN_SAMPLES,
+                                  generator_options=dict(steps=opts.steps, t_mid=opts.t_mid, guidance=opts.guidance,
+                                                         solver=opts.solver, device=dev))
     n = len(sets[0])
     if min_samples is not None and n < min_samples:
-        raise UsageError(f"{samples}: {n} samples; {metric} needs {min_samples:,} for numbers comparable to "
+        raise UsageError(f"{samples}: {n} samples; {label} needs {min_samples:,} for numbers comparable to "
                          "papers (pass --allow-small to compute it anyway)")
-    det = load_detector(detector, mode, dev, inception, dinov2_weights=dinov2, download=download)
-    return sets, generator, det
+    return sets, generator
+
+
+def _detector(opts: EvalOptions, dev):
+    from scmctl.metrics import load_detector
+
+    return load_detector(opts.detector, opts.mode, dev, _inception_path(opts.inception, opts.inception_weights),
+                         dinov2_weights=opts.dinov2, download=opts.download)
+
+
+@dataclass
+class _Metric:
+    """One metric as the driver runs it. prepare(det) -> the reference side, computed once;
+    compute(samples, sets, generator, det, prepared) -> (JSON record, human line); value_text(record)
+    -> the value column of a table row; settings: its own options (part of the cache key)."""
+    name: str
+    label: str
+    prepare: Callable
+    compute: Callable
+    value_text: Callable
+    settings: dict
+    min_samples: int | None = None
+    fd: bool = False
+
+
+def _evaluate(samples: str, opts: EvalOptions, metric: _Metric) -> None:
+    """Run `metric` on SAMPLES (one record) or on each checkpoint selected by --checkpoints (one row
+    each, cached in the run directory by checkpoint sha256 and settings)."""
+    from scmctl.cli.common import emit_json
+    from scmctl.devices import select_device
+
+    if opts.batch < 1:
+        raise UsageError(f"--batch {opts.batch}: must be at least 1")
+    dev = select_device(opts.device)
+    if opts.checkpoints is None:
+        sets, generator = _sets(samples, opts, dev, metric.min_samples, metric.label)
+        det = _detector(opts, dev)
+        prepared = metric.prepare(det)
+        _notes(sets, generator, det, metric.label, fd=metric.fd)
+        record, line = metric.compute(samples, sets, generator, det, prepared)
+        if opts.json_out:
+            emit_json(record)
+        else:
+            _print_line(line)
+        return
+    rows = _over_checkpoints(samples, opts, metric, dev)
+    if opts.json_out:
+        emit_json(rows)
+        return
+    _print_line(f"{'step':>8} {'kimg':>9} {'sigma_rel':>9}  {metric.label:<12} seeds")
+    for r in rows:
+        sigma = "" if r["sigma_rel"] is None else f"{r['sigma_rel']:.4f}"
+        seeds = ", ".join(r["seeds"]) if r.get("seeds") else f"{r['n']} files"
+        _print_line(f"{r['step']:>8} {r['kimg']:>9.1f} {sigma:>9}  {metric.value_text(r):<12} {seeds}"
+                    f"{'  (cached)' if r['cached'] else ''}")
+
+
+def _over_checkpoints(run_dir: str, opts: EvalOptions, metric: _Metric, dev) -> list[dict]:
+    from scmctl.cli.common import console
+    from scmctl.fileio import sha256_file
+    from scmctl.metrics.history import MetricCache, cache_key, describe_checkpoint, select_checkpoints
+
+    paths = select_checkpoints(run_dir, opts.checkpoints)
+    infos = [describe_checkpoint(p) for p in paths]
+    det = _detector(opts, dev)
+    ref_path = Path(opts.ref)
+    settings = {"metric": metric.name, **opts.settings(), **metric.settings, "detector_sha256": det.sha256(),
+                "ref_sha256": sha256_file(ref_path) if ref_path.is_file() else None}
+    cache = MetricCache(run_dir)
+    keys = [cache_key(i["sha256"], settings) for i in infos]
+    todo = [k for k in keys if cache.get(k) is None]
+    console.print(f"{len(paths)} checkpoints: {len(paths) - len(todo)} cached, {len(todo)} to compute",
+                  markup=False)
+    prepared = metric.prepare(det) if todo else None
+    rows = []
+    for info, key in zip(infos, keys):
+        row = cache.get(key)
+        cached = row is not None
+        if not cached:
+            sets, generator = _sets(info["checkpoint"], opts, dev, metric.min_samples, metric.label)
+            _notes(sets, generator, det, metric.label, fd=metric.fd)
+            record, _ = metric.compute(info["checkpoint"], sets, generator, det, prepared)
+            row = {**{k: info[k] for k in ("step", "kimg", "sigma_rel", "posthoc", "checkpoint", "sha256")}, **record}
+            cache.put(key, row)
+        rows.append({**row, "checkpoint": info["checkpoint"], "cached": cached})
+    return rows
 
 
 def _notes(sets, generator, det, metric: str, fd: bool) -> None:
@@ -110,15 +264,15 @@ def _notes(sets, generator, det, metric: str, fd: bool) -> None:
                       "comparable to published numbers", soft_wrap=True)
 
 
-def _record(metric: str, summary: dict, *, sets, generator, detector: str, det, ref: str, reference,
+def _record(metric: str, summary: dict, *, sets, generator, opts: EvalOptions, det, reference,
             n_ref: int | None, samples: str) -> dict:
     from scmctl.metrics.reference import Reference
     from scmctl.metrics.sources import describe_seeds
 
     out = {"metric": metric, **summary, "n": len(sets[0]), "repeat": len(sets),
            "seeds": [describe_seeds(s.seeds) for s in sets] if generator is not None else None,
-           "mode": det.mode, "detector": detector, "detector_sha256": det.sha256(),
-           "ref": ref, "ref_sha256": reference.sha256 if isinstance(reference, Reference) else None}
+           "mode": det.mode, "detector": opts.detector, "detector_sha256": det.sha256(),
+           "ref": opts.ref, "ref_sha256": reference.sha256 if isinstance(reference, Reference) else None}
     if n_ref is not None:
         out["n_ref"] = n_ref
     out["samples"] = samples
@@ -165,8 +319,6 @@ def ref_cmd(
     download: bool = DOWNLOAD,
 ) -> None:
     """Reference statistics of DATA (streamed float64 mean and covariance) with provenance."""
-    from pathlib import Path
-
     from scmctl.cli.common import console, emit_json
     from scmctl.devices import select_device
     from scmctl.metrics import load_detector
@@ -203,34 +355,33 @@ def ref_cmd(
 
 # ------------------------------------------------------------------ eval fid / fd-dinov2
 
-def _frechet(metric: str, label: str, samples, ref, detector, mode, inception, dinov2, download, num, seeds,
-             repeat, steps, t_mid, guidance, solver, allow_small, json_out, batch, device) -> None:
-    from scmctl.cli.common import emit_json
+def _frechet(samples: str, opts: EvalOptions, allow_small: bool) -> None:
     from scmctl.metrics import MIN_SAMPLES
     from scmctl.metrics.evaluate import frechet_over_sets, summarize
     from scmctl.metrics.reference import Reference, check_dims, check_provenance, open_reference
 
-    reference = open_reference(ref, "fd_dinov2" if detector == "dinov2" else "fid")
-    sets, generator, det = _open(samples, detector=detector, mode=mode, inception=inception, dinov2=dinov2,
-                                 download=download, device=device, batch=batch, num=num, seeds=seeds,
-                                 repeat=repeat, steps=steps, t_mid=t_mid, guidance=guidance, solver=solver,
-                                 min_samples=None if allow_small else MIN_SAMPLES, metric=label)
-    if isinstance(reference, Reference):
+    name, label = ("fd_dinov2", "FD_DINOv2") if opts.detector == "dinov2" else ("fid", "FID")
+    reference = open_reference(opts.ref, name)
+
+    def prepare(det):
+        if not isinstance(reference, Reference):
+            return reference.compute(det, opts.batch)
         check_provenance(reference, det)
         if det.feature_dim is not None:
             check_dims(reference, det.feature_dim, det)  # fail before extraction when D is known up front
-        _mode_note(ref, reference, det)
-    _notes(sets, generator, det, label, fd=True)
-    if not isinstance(reference, Reference):
-        reference = reference.compute(det, batch)
-    summary = summarize(frechet_over_sets(sets, reference, det, batch))
-    if json_out:
-        emit_json(_record(metric, summary, sets=sets, generator=generator, detector=detector, det=det, ref=ref,
-                          reference=reference, n_ref=reference.n, samples=samples))
-        return
-    against = f"{ref} ({reference.n} images)" if reference.n is not None else ref
-    _print_line(f"{label} {summary['value']:.4f}  ({_values_text(summary, '.4f')}{len(sets[0])} samples vs "
-                f"{against}; detector {detector}, mode {det.mode})")
+        _mode_note(opts.ref, reference, det)
+        return reference
+
+    def compute(samples, sets, generator, det, ref_stats):
+        summary = summarize(frechet_over_sets(sets, ref_stats, det, opts.batch))
+        record = _record(name, summary, sets=sets, generator=generator, opts=opts, det=det, reference=ref_stats,
+                         n_ref=ref_stats.n, samples=samples)
+        against = f"{opts.ref} ({ref_stats.n} images)" if ref_stats.n is not None else opts.ref
+        return record, (f"{label} {summary['value']:.4f}  ({_values_text(summary, '.4f')}{len(sets[0])} samples vs "
+                        f"{against}; detector {opts.detector}, mode {det.mode})")
+
+    _evaluate(samples, opts, _Metric(name, label, prepare, compute, lambda r: f"{r['value']:.4f}", {},
+                                     min_samples=None if allow_small else MIN_SAMPLES, fd=True))
 
 
 def _mode_note(ref: str, reference, det) -> None:
@@ -246,114 +397,86 @@ def _mode_note(ref: str, reference, det) -> None:
 
 
 @eval_app.command("fid")
-def fid(
-    samples: str = SAMPLES, ref: str = REF, detector: str = DETECTOR, mode: Optional[str] = MODE,
-    inception: Optional[str] = INCEPTION, inception_weights: Optional[str] = INCEPTION_OLD,
-    dinov2: Optional[str] = DINOV2, num: Optional[int] = NUM, seeds: Optional[str] = SEEDS,
-    repeat: int = REPEAT, steps: Optional[int] = STEPS, t_mid: Optional[float] = T_MID,
-    guidance: float = GUIDANCE, solver: Optional[str] = SOLVER, allow_small: bool = ALLOW_SMALL,
-    json_out: bool = JSON, batch: int = BATCH, device: str = DEVICE, download: bool = DOWNLOAD,
-) -> None:
+@eval_options()
+def fid(samples: str = SAMPLES, *, opts: EvalOptions, allow_small: bool = ALLOW_SMALL) -> None:
     """FID of SAMPLES against REF (Fréchet distance of detector features; 50,000 samples)."""
-    _frechet("fd_dinov2" if detector == "dinov2" else "fid", "FD_DINOv2" if detector == "dinov2" else "FID",
-             samples, ref, detector, mode, _inception_path(inception, inception_weights), dinov2, download, num,
-             seeds, repeat, steps, t_mid, guidance, solver, allow_small, json_out, batch, device)
+    _frechet(samples, opts, allow_small)
 
 
 @eval_app.command("fd-dinov2")
-def fd_dinov2(
-    samples: str = SAMPLES, ref: str = REF, dinov2: Optional[str] = DINOV2, num: Optional[int] = NUM,
-    seeds: Optional[str] = SEEDS, repeat: int = REPEAT, steps: Optional[int] = STEPS,
-    t_mid: Optional[float] = T_MID, guidance: float = GUIDANCE, solver: Optional[str] = SOLVER,
-    allow_small: bool = ALLOW_SMALL, json_out: bool = JSON, batch: int = BATCH, device: str = DEVICE,
-    download: bool = DOWNLOAD,
-) -> None:
+@eval_options(detector="dinov2", mode=None, inception=None, inception_weights=None)
+def fd_dinov2(samples: str = SAMPLES, *, opts: EvalOptions, allow_small: bool = ALLOW_SMALL) -> None:
     """FD_DINOv2 of SAMPLES against REF (EDM2: DINOv2 ViT-L/14 features at 224², 50,000 samples)."""
-    _frechet("fd_dinov2", "FD_DINOv2", samples, ref, "dinov2", None, None, dinov2, download, num, seeds, repeat,
-             steps, t_mid, guidance, solver, allow_small, json_out, batch, device)
+    _frechet(samples, opts, allow_small)
 
 
 # ------------------------------------------------------------------ eval kid / pr
 
 @eval_app.command("kid")
+@eval_options()
 def kid(
-    samples: str = SAMPLES, ref: str = REF, detector: str = DETECTOR, mode: Optional[str] = MODE,
-    inception: Optional[str] = INCEPTION, inception_weights: Optional[str] = INCEPTION_OLD,
-    dinov2: Optional[str] = DINOV2, num: Optional[int] = NUM, seeds: Optional[str] = SEEDS,
-    repeat: int = REPEAT, steps: Optional[int] = STEPS, t_mid: Optional[float] = T_MID,
-    guidance: float = GUIDANCE, solver: Optional[str] = SOLVER,
+    samples: str = SAMPLES, *, opts: EvalOptions,
     n_ref: Optional[int] = typer.Option(None, "--n-ref", help="Reference images: a random subset of N (default all)."),
     subsets: int = typer.Option(100, "--subsets", help="Number of random subsets."),
     subset_size: int = typer.Option(1000, "--subset-size", help="Images per subset (capped by both set sizes)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subsets (and of --n-ref)."),
-    json_out: bool = JSON, batch: int = BATCH, device: str = DEVICE, download: bool = DOWNLOAD,
 ) -> None:
     """KID of SAMPLES against REF: unbiased MMD² with a cubic kernel, mean ± std over random subsets."""
-    from scmctl.cli.common import emit_json
     from scmctl.metrics.evaluate import kid_over_sets, summarize
     from scmctl.metrics.reference import reference_features
 
     if subsets < 1 or subset_size < 2:
         raise UsageError("--subsets must be >= 1 and --subset-size >= 2")
-    sets, generator, det = _open(samples, detector=detector, mode=mode,
-                                 inception=_inception_path(inception, inception_weights), dinov2=dinov2,
-                                 download=download, device=device, batch=batch, num=num, seeds=seeds,
-                                 repeat=repeat, steps=steps, t_mid=t_mid, guidance=guidance, solver=solver)
-    _notes(sets, generator, det, "KID", fd=False)
-    feats, reference = reference_features(ref, det, batch, n_ref, seed)
-    results = kid_over_sets(sets, feats, det, batch, subsets, subset_size, seed)
-    summary = summarize([m for m, _ in results])
-    summary["std"] = [s for _, s in results]
-    if json_out:
-        rec = _record("kid", summary, sets=sets, generator=generator, detector=detector, det=det, ref=ref,
-                      reference=reference, n_ref=int(feats.shape[0]), samples=samples)
-        rec.update(subsets=subsets, subset_size=min(subset_size, len(sets[0]), feats.shape[0]), seed=seed)
-        emit_json(rec)
-        return
-    i = summary["values"].index(summary["value"])
-    _print_line(f"KID {summary['value']:.6f} ± {summary['std'][i]:.6f}  ({_values_text(summary, '.6f')}"
-                f"{len(sets[0])} samples vs {feats.shape[0]} reference images of {ref}; {subsets} subsets; "
-                f"detector {detector}, mode {det.mode})")
+
+    def compute(samples, sets, generator, det, prepared):
+        feats, reference = prepared
+        results = kid_over_sets(sets, feats, det, opts.batch, subsets, subset_size, seed)
+        summary = summarize([m for m, _ in results])
+        summary["std"] = [s for _, s in results]
+        record = _record("kid", summary, sets=sets, generator=generator, opts=opts, det=det, reference=reference,
+                         n_ref=int(feats.shape[0]), samples=samples)
+        record.update(subsets=subsets, subset_size=min(subset_size, len(sets[0]), feats.shape[0]), seed=seed)
+        i = summary["values"].index(summary["value"])
+        return record, (f"KID {summary['value']:.6f} ± {summary['std'][i]:.6f}  ({_values_text(summary, '.6f')}"
+                        f"{len(sets[0])} samples vs {feats.shape[0]} reference images of {opts.ref}; {subsets} "
+                        f"subsets; detector {opts.detector}, mode {det.mode})")
+
+    _evaluate(samples, opts, _Metric(
+        "kid", "KID", lambda det: reference_features(opts.ref, det, opts.batch, n_ref, seed), compute,
+        lambda r: f"{r['value']:.6f}", dict(n_ref=n_ref, subsets=subsets, subset_size=subset_size, seed=seed)))
 
 
 @eval_app.command("pr")
+@eval_options()
 def pr(
-    samples: str = SAMPLES, ref: str = REF, detector: str = DETECTOR, mode: Optional[str] = MODE,
-    inception: Optional[str] = INCEPTION, inception_weights: Optional[str] = INCEPTION_OLD,
-    dinov2: Optional[str] = DINOV2, num: Optional[int] = NUM, seeds: Optional[str] = SEEDS,
-    repeat: int = REPEAT, steps: Optional[int] = STEPS, t_mid: Optional[float] = T_MID,
-    guidance: float = GUIDANCE, solver: Optional[str] = SOLVER,
+    samples: str = SAMPLES, *, opts: EvalOptions,
     n_ref: Optional[int] = typer.Option(10000, "--n-ref", help="Reference images: a random subset of N "
                                                                "(all when fewer exist)."),
     k: int = typer.Option(3, "--k", help="k-th nearest neighbour radius."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --n-ref subset."),
-    json_out: bool = JSON, batch: int = BATCH, device: str = DEVICE, download: bool = DOWNLOAD,
 ) -> None:
     """Improved precision and recall (Kynkäänniemi et al. 2019, k = 3) of SAMPLES against REF."""
-    from scmctl.cli.common import emit_json
     from scmctl.metrics.evaluate import pr_over_sets, summarize
     from scmctl.metrics.reference import reference_features
 
     if k < 1:
         raise UsageError(f"--k {k}: must be >= 1")
-    sets, generator, det = _open(samples, detector=detector, mode=mode,
-                                 inception=_inception_path(inception, inception_weights), dinov2=dinov2,
-                                 download=download, device=device, batch=batch, num=num, seeds=seeds,
-                                 repeat=repeat, steps=steps, t_mid=t_mid, guidance=guidance, solver=solver)
-    _notes(sets, generator, det, "precision/recall", fd=False)
+
+    def compute(samples, sets, generator, det, prepared):
+        feats, reference = prepared
+        results = pr_over_sets(sets, feats, det, opts.batch, k)
+        precision = summarize([p for p, _ in results], best="mean")
+        recall = summarize([r for _, r in results], best="mean")
+        rec = _record("pr", {}, sets=sets, generator=generator, opts=opts, det=det, reference=reference,
+                      n_ref=int(feats.shape[0]), samples=samples)
+        record = {"metric": "pr", "precision": precision, "recall": recall,
+                  **{x: v for x, v in rec.items() if x != "metric"}, "k": k}
+        sets_text = f"mean of {len(sets)} sets; " if len(sets) > 1 else ""
+        return record, (f"precision {precision['value']:.4f}  recall {recall['value']:.4f}  ({sets_text}"
+                        f"{len(sets[0])} samples vs {feats.shape[0]} reference images of {opts.ref}; k = {k}; "
+                        f"detector {opts.detector}, mode {det.mode})")
+
     # --n-ref caps the reference: a smaller one is used whole
-    feats, reference = reference_features(ref, det, batch, n_ref, seed, at_most=True)
-    results = pr_over_sets(sets, feats, det, batch, k)
-    precision = summarize([p for p, _ in results], best="mean")
-    recall = summarize([r for _, r in results], best="mean")
-    if json_out:
-        rec = _record("pr", {}, sets=sets, generator=generator, detector=detector, det=det, ref=ref,
-                      reference=reference, n_ref=int(feats.shape[0]), samples=samples)
-        rec = {"metric": "pr", "precision": precision, "recall": recall, **{x: v for x, v in rec.items() if x != "metric"}}
-        rec["k"] = k
-        emit_json(rec)
-        return
-    sets_text = f"mean of {len(sets)} sets; " if len(sets) > 1 else ""
-    _print_line(f"precision {precision['value']:.4f}  recall {recall['value']:.4f}  ({sets_text}{len(sets[0])} "
-                f"samples vs {feats.shape[0]} reference images of {ref}; k = {k}; detector {detector}, "
-                f"mode {det.mode})")
+    _evaluate(samples, opts, _Metric(
+        "pr", "P / R", lambda det: reference_features(opts.ref, det, opts.batch, n_ref, seed, at_most=True), compute,
+        lambda r: f"{r['precision']['value']:.4f} / {r['recall']['value']:.4f}", dict(n_ref=n_ref, k=k, seed=seed)))

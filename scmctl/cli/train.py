@@ -17,7 +17,7 @@ from scmctl.fileio import check_output_dir
 # another number of GPUs, or with DDP instead of FSDP2 (the checkpoint format is the same).
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.grid_every",
                      "train.keep_checkpoints", "train.device", "train.batch_per_gpu",
-                     "train.parallel", "train.compile", "train.check_grads_every", "sample.",
+                     "train.parallel", "train.compile", "train.check_grads_every", "train.phema_", "sample.",
                      # the run's config records what these scale-out fields made of them (both jvp
                      # modes compute the same loss; every attention backend the same attention)
                      "loss.jvp_mode", "network.attention_backend")

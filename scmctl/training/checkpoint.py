@@ -4,6 +4,8 @@ A checkpoint is a `torch.save`d dict of tensors and plain Python values:
     {"format": "scmctl-checkpoint", "version": 1, "kind": "consistency" | "diffusion",
      "step": int, "config": dict, "net": state_dict, "ema": state_dict,
      "optimizer": state_dict, "rng": {...}}
+A post-hoc EMA (``scmctl ema``, :mod:`scmctl.training.phema`) has "ema" but no "net" and no
+"optimizer", plus "posthoc_ema" (σ_rel, snapshots and their coefficients).
 It is loaded with ``torch.load(weights_only=True)``: a file that carries any other pickled object
 (code payloads included) is refused before anything in it runs.
 """
@@ -182,5 +184,7 @@ def network_from_checkpoint(ckpt: dict, weights: str = "ema", device: str | torc
     net = build_network(cfg.network, device)
     if weights not in ("ema", "raw"):
         raise UsageError(f"--weights must be 'ema' or 'raw', got '{weights}'")
+    if weights == "raw" and "net" not in ckpt:
+        raise UsageError(f"{ckpt.get('path', 'checkpoint')}: holds EMA weights only (a post-hoc EMA); drop --weights raw")
     load_state(net, ckpt["ema" if weights == "ema" else "net"], ckpt.get("path", "checkpoint"))
     return net.eval().requires_grad_(False)

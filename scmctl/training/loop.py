@@ -10,7 +10,8 @@ saves. The plumbing is other modules' job:
 - :mod:`~scmctl.training.optim`: optimizer, learning-rate schedule, clipping, renormalization;
 - :mod:`~scmctl.training.parallel`: DDP/FSDP2, bf16, compile, full state dicts for checkpoints;
 - :mod:`~scmctl.training.run_dir`: config.yaml, stats.jsonl, checkpoints, grids, stop requests;
-- :mod:`~scmctl.training.ema`, :mod:`~scmctl.training.checkpoint`: the EMA and the checkpoint format.
+- :mod:`~scmctl.training.ema`, :mod:`~scmctl.training.phema`, :mod:`~scmctl.training.checkpoint`: the EMA,
+  the post-hoc EMA profiles and the checkpoint format.
 
 Resume = run the same command again; a resumed run reproduces the uninterrupted one bit for bit
 on the CPU (every draw of step s derives from (seed, s)).
@@ -32,6 +33,7 @@ from scmctl.nn.base import ImageNetwork
 from scmctl.training import checkpoint as ckpt_io
 from scmctl.training.batches import micro_batches
 from scmctl.training.ema import EMA
+from scmctl.training.phema import PowerEMAs
 from scmctl.training.optim import apply_update, learning_rate, make_optimizer
 from scmctl.training.parallel import (FullState, batch_layout, build_model, check_gradients_agree,  # noqa: F401
                                       check_scaleout, checks_gradients, effective_jvp_mode,
@@ -73,10 +75,12 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[ImageNetwork] =
         ckpt_io.load_state(net, init_state, "--init/--teacher", allow_missing=("emb_guidance.", "guidance_gain"))
         net.renormalize_()
     ema = EMA(net, tc.ema_sigma_rel, tc.ema_halflife_images, tc.batch)
+    phemas = PowerEMAs(net, tc.phema_sigma_rels)  # the post-hoc EMA profiles (EDM2 Sec. 3)
     if state is not None:
         ckpt_io.load_state(ema.net, state["ema"], state["path"])
+        phemas.resume(state)
     start = int(state["step"]) if state is not None else 0
-    model = build_model(cfg, net, dist, teacher.to(device) if teacher is not None else None, ema)
+    model = build_model(cfg, net, dist, teacher.to(device) if teacher is not None else None, ema, phemas.emas)
     opt = make_optimizer(cfg, net.parameters())
     if state is not None:
         load_optimizer(model, opt, state["optimizer"])
@@ -100,6 +104,7 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[ImageNetwork] =
                     check_gradients_agree(model.net.parameters(), done)
                 grad_norm, skipped = apply_update(cfg, model, opt, lr)
                 ema.update(net, done)
+                phemas.update(net, done)
                 imgs_since += tc.batch
 
                 # stats.jsonl: the mean over all processes' micro-batches
@@ -118,12 +123,15 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[ImageNetwork] =
                         info = f"loss {rec['loss']:.4f}"
                 bar.update(done, info=info)
 
-                # checkpoint and grid; a stop request (on any process) ends the run here
+                # checkpoint, post-hoc EMA snapshots and grid; a stop request (on any process) ends the run here
                 stopping = distributed.any_rank(stop.requested, device) if dist.world > 1 else stop.requested
                 want_ckpt = done % tc.checkpoint_every == 0 or done == tc.steps or stopping
                 want_grid = tc.grid_every > 0 and (done % tc.grid_every == 0 or done == tc.steps)
-                if want_ckpt or want_grid:
-                    full = FullState(model, ema, opt, dist)
+                want_snapshot = phemas.snapshot_due(cfg, done)
+                if want_ckpt or want_grid or want_snapshot:
+                    full = FullState(model, ema, opt, dist, phemas.emas)
+                    if want_snapshot:
+                        run.save_phema_snapshots(cfg, done, full)
                     if want_ckpt:
                         run.save_checkpoint(cfg, done, full)
                     if want_grid:

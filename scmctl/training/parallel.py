@@ -186,8 +186,9 @@ def _autocast_factory(device: torch.device, precision: str) -> Optional[Callable
 
 
 def build_model(cfg: Config, net: ImageNetwork, dist: distributed.Dist, teacher: Optional[ImageNetwork] = None,
-                ema: Optional[EMA] = None) -> Model:
-    """Wrap `net` for `cfg.train` (parallel, precision, compile); with FSDP also shard `ema.net`.
+                ema: Optional[EMA] = None, phemas: Sequence[EMA] = ()) -> Model:
+    """Wrap `net` for `cfg.train` (parallel, precision, compile); with FSDP also shard `ema.net`
+    and the post-hoc EMA profiles' networks (`phemas`).
     `cfg` is the run's config (its loss.jvp_mode is the effective one)."""
     tc = cfg.train
     mode, why = effective_jvp_mode(cfg, dist.world)
@@ -209,8 +210,8 @@ def build_model(cfg: Config, net: ImageNetwork, dist: distributed.Dist, teacher:
     elif dist.world > 1 and tc.parallel == "fsdp":
         mesh = _device_mesh(dist)
         shard_network(net, mesh)
-        if ema is not None:
-            shard_network(ema.net, mesh, forward_methods=())
+        for e in ([ema] if ema is not None else []) + list(phemas):
+            shard_network(e.net, mesh, forward_methods=())
         fsdp = True
     if tc.compile:
         module = torch.compile(module)
@@ -287,8 +288,9 @@ class FullState:
     """Full (unsharded) network, EMA and optimizer state dicts for rank 0, gathered once per step
     when a checkpoint or grid needs them (under FSDP2 a collective: every process takes part)."""
 
-    def __init__(self, model: Model, ema: EMA, opt: torch.optim.Optimizer, dist: distributed.Dist):
-        self.model, self.ema, self.opt = model, ema, opt
+    def __init__(self, model: Model, ema: EMA, opt: torch.optim.Optimizer, dist: distributed.Dist,
+                 phemas: Sequence[EMA] = ()):
+        self.model, self.ema, self.opt, self.phemas = model, ema, opt, list(phemas)
         self.main = dist.is_main
         self._cache: dict = {}
 
@@ -315,6 +317,12 @@ class FullState:
         if "ema" not in self._cache:
             self._cache["ema"] = self._model_state(self.ema.net)
         return self._cache["ema"]
+
+    def phema_states(self) -> list[dict]:
+        """The post-hoc EMA profiles' state dicts (empty when none are tracked)."""
+        if "phema" not in self._cache:
+            self._cache["phema"] = [self._model_state(e.net) for e in self.phemas]
+        return self._cache["phema"]
 
     def optimizer(self) -> dict:
         if not self.model.fsdp:

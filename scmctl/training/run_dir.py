@@ -1,5 +1,5 @@
-"""The run directory: config.yaml, stats.jsonl, checkpoints (written atomically, pruned), sample
-grids, and the stop request (SIGTERM/SIGINT) that ends a run with a checkpoint.
+"""The run directory: config.yaml, stats.jsonl, checkpoints (written atomically, pruned), post-hoc
+EMA snapshots, sample grids, and the stop request (SIGTERM/SIGINT) that ends a run with a checkpoint.
 
 Only rank 0 writes; the run directory must be on a file system every process sees. Resume = run
 the same command again: :meth:`RunDir.resume_state` finds the newest usable checkpoint.
@@ -20,6 +20,7 @@ from scmctl.data.imageio import save_grid
 from scmctl.fileio import remove_stale_temps, write_text_atomic
 from scmctl.nn.base import ImageNetwork
 from scmctl.training import checkpoint as ckpt_io
+from scmctl.training import phema
 from scmctl.training.parallel import FullState
 
 
@@ -148,17 +149,26 @@ class RunDir:
         """checkpoint-STEP.pt (atomic, after the stats lines it covers are on disk), then prune to
         train.keep_checkpoints."""
         net, ema, opt = full.net(), full.ema_state(), full.optimizer()  # collectives under FSDP2
+        phema = full.phema_states()
         if not self.main:
             return None
         if self.stats is not None:
             self.stats.sync()
         path = self.path / f"checkpoint-{step:07d}.pt"
+        extra = {"phema": {"sigma_rels": [e.sigma_rel for e in full.phemas], "emas": phema}} if phema else {}
         ckpt_io.save_atomic({
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": model_kind(cfg.method),
-            "step": step, "config": cfg.to_dict(), "net": net, "ema": ema, "optimizer": opt,
+            "step": step, "config": cfg.to_dict(), "net": net, "ema": ema, "optimizer": opt, **extra,
         }, path)
         ckpt_io.prune(self.path, cfg.train.keep_checkpoints)
         return path
+
+    def save_phema_snapshots(self, cfg: Config, step: int, full: FullState) -> None:
+        """phema/phema-STEP-SIGMA.pt: the post-hoc EMA profiles' weights (:mod:`scmctl.training.phema`)."""
+        states = full.phema_states()  # a collective under FSDP2
+        if self.main:
+            phema.save_snapshots(self.path, step, step * cfg.train.batch / 1000, model_kind(cfg.method),
+                                 cfg.to_dict(), [e.sigma_rel for e in full.phemas], states)
 
     def save_grid(self, cfg: Config, step: int, full: FullState) -> Optional[Path]:
         """grid-STEP.png from the EMA weights."""

@@ -17,7 +17,7 @@ from scmctl.metrics import evaluate
 def write_checkpoint(run, step: int, scale: float = 0.3) -> None:
     """A tiny consistency model whose weights differ per step (so are its images and FID)."""
     from scmctl.config import Config
-    from scmctl.nn.unet import build_network
+    from scmctl.nn.networks import build_network
     from scmctl.training import checkpoint as ck
 
     cfg = Config()

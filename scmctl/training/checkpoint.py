@@ -113,8 +113,10 @@ REQUIRED = {"kind": str, "step": int, "config": dict, "net": dict, "ema": dict}
 
 def check_contents(ckpt: dict, where: str | os.PathLike) -> None:
     """Refuse at load what would otherwise sample garbage later: a missing or mistyped entry, an
-    unknown ``kind``, a weight that is not a tensor or not finite (NaN weights give black images)."""
-    for key, tp in REQUIRED.items():
+    unknown ``kind``, a weight that is not a tensor or not finite (NaN weights give black images).
+    A post-hoc EMA reconstruction (``scmctl ema``) holds EMA weights only: no 'net' entry."""
+    required = {k: tp for k, tp in REQUIRED.items() if not (k == "net" and "posthoc_ema" in ckpt)}
+    for key, tp in required.items():
         if key not in ckpt:
             raise UsageError(f"{where}: checkpoint has no '{key}' entry (damaged or not written by scmctl train)")
         if not isinstance(ckpt[key], tp) or isinstance(ckpt[key], bool):
@@ -124,7 +126,7 @@ def check_contents(ckpt: dict, where: str | os.PathLike) -> None:
     if ckpt["step"] < 0:
         raise UsageError(f"{where}: checkpoint step {ckpt['step']} is negative")
     for part in ("net", "ema"):
-        for name, value in ckpt[part].items():
+        for name, value in ckpt.get(part, {}).items():
             if not isinstance(value, torch.Tensor):
                 raise UsageError(f"{where}: '{part}' entry {name} is not a tensor")
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):

@@ -53,6 +53,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from scmctl.generation import open_generator  # noqa: E402
 from scmctl.metrics.detectors import Detector  # noqa: E402
 from scmctl.metrics.fid import compute_stats, frechet_distance  # noqa: E402
 from scmctl.metrics.prdc import K, precision_recall  # noqa: E402
@@ -202,8 +203,6 @@ class Reference:
 
 def generated_images(model: str, n: int, **settings) -> tuple[torch.Tensor, dict]:
     """n images (seeds 0..n-1) as uint8 NCHW, and the generator's info."""
-    from scmctl.generation import open_generator
-
     gen = open_generator(model, device="cpu", **settings)
     images = np.concatenate(list(gen.batches(range(n), batch=250)))
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), gen.info
@@ -274,11 +273,37 @@ def train_models(a) -> tuple[dict, dict]:
 # Main
 # --------------------------------------------------------------------------------------------
 
-def evaluate(models: dict, walls: dict, ref: Reference, n: int, tmid_grid: list[float] | None) -> list[dict]:
+class ScoreCache:
+    """Scores already computed, in ``--cache DIR/scores.json``, keyed by the checkpoint's sha256, the
+    sampler settings and n: re-running a table (or sharing a teacher between tables) costs nothing."""
+
+    def __init__(self, cache: Path):
+        self.path = cache / "scores.json"
+        self.scores = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @staticmethod
+    def key(info: dict, n: int) -> str:
+        return json.dumps([CLASSIFIER_VERSION, info["checkpoint_sha256"], info["steps"], info["t_mid"],
+                           info["solver"], info["weights"], n])
+
+    def get(self, info: dict, n: int) -> dict | None:
+        return self.scores.get(self.key(info, n))
+
+    def put(self, info: dict, n: int, score: dict) -> None:
+        from scmctl.fileio import write_atomic
+
+        self.scores[self.key(info, n)] = score
+        write_atomic(self.path, lambda f: f.write(json.dumps(self.scores, indent=1)), binary=False)
+
+
+def evaluate(models: dict, walls: dict, ref: Reference, n: int, tmid_grid: list[float] | None,
+             cache: ScoreCache) -> list[dict]:
     rows = []
 
     def add(name, images, info, seconds):
-        s = ref.score(images)
+        s = ref.score(images) if images is not None else cache.get(info, n)
+        if info and images is not None:
+            cache.put(info, n, s)
         rows.append({"model": name, "steps": info.get("steps"), "nfe": info.get("nfe"),
                      "t_mid": info.get("t_mid"), **s, "train_s": walls.get(name), "eval_s": seconds,
                      "checkpoint": info.get("checkpoint")})
@@ -292,7 +317,8 @@ def evaluate(models: dict, walls: dict, ref: Reference, n: int, tmid_grid: list[
             [{"steps": 2, "t_mid": t} for t in tmid_grid] if tmid_grid else [{"steps": 2}])
         for kw in settings:
             t0 = time.perf_counter()
-            images, info = generated_images(model, n, **kw)
+            info = open_generator(model, device="cpu", **kw).info
+            images = None if cache.get(info, n) is not None else generated_images(model, n, **kw)[0]
             add(name, images, info, time.perf_counter() - t0)
     teacher_fd = next(r["fd"] for r in rows if r["model"] == "teacher")
     for r in rows:
@@ -349,7 +375,7 @@ def main(argv=None) -> None:
     detector, acc = load_or_train_classifier(Path(a.cache))
     print(f"classifier: held-out accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     models, walls = train_models(a)
-    rows = evaluate(models, walls, Reference(detector), a.n, a.tmid_grid)
+    rows = evaluate(models, walls, Reference(detector), a.n, a.tmid_grid, ScoreCache(Path(a.cache)))
     if a.json:
         print(json.dumps({"n": a.n, "reference": "all 1797 digits", "classifier_held_out_accuracy": acc,
                           "k": K, "rows": rows}))

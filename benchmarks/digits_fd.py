@@ -17,8 +17,8 @@ Consistency models are scored at 1 and 2 steps (2-step t_mid: the checkpoint's `
 2,000 digits drawn with replacement against all of them.
 
 Training goes through scmctl's own CLI (``python -m scmctl train/distill``, the commands a user
-runs), in ``--work DIR/{teacher,sct,scd}`` (or ``sct-TAG`` with ``--tag``); re-running resumes, so a
-finished run is only evaluated. ``--teacher/--sct/--scd PATH`` evaluate given checkpoints or run
+runs), in ``--work DIR``: ``teacher-N``, and the students in ``from-TEACHER/{sct,scd}-N``
+(``sct-TAG-N`` with ``--tag``); re-running resumes, so a finished run is only evaluated. ``--teacher/--sct/--scd PATH`` evaluate given checkpoints or run
 directories instead of training. Students start from the teacher's EMA weights (sCT: ``--init``,
 sCD: ``--teacher``), as in issue 10.
 
@@ -257,7 +257,7 @@ def train_models(a) -> tuple[dict, dict]:
             continue
         if work is None or a.student_steps is None:
             sys.exit(f"give --{method} PATH, or --work DIR and --student-steps N to train it")
-        d = work / f"{name}-{a.student_steps}"
+        d = work / f"from-{Path(models['teacher']).stem}" / f"{name}-{a.student_steps}"
         extra = _sets(a.set_student + (a.set_sct if method == "sct" else a.set_scd))
         if method == "sct":
             cmd = ["train", "--preset", a.preset, "--init", models["teacher"]]
@@ -292,6 +292,8 @@ class ScoreCache:
     def put(self, info: dict, n: int, score: dict) -> None:
         from scmctl.fileio import write_atomic
 
+        if self.path.is_file():  # another benchmark process may have added scores meanwhile
+            self.scores = {**json.loads(self.path.read_text()), **self.scores}
         self.scores[self.key(info, n)] = score
         write_atomic(self.path, lambda f: f.write(json.dumps(self.scores, indent=1)), binary=False)
 

@@ -18,9 +18,10 @@ Consistency models are scored at 1 and 2 steps (2-step t_mid: the checkpoint's `
 
 Training goes through scmctl's own CLI (``python -m scmctl train/distill``, the commands a user
 runs), in ``--work DIR``: ``teacher-N``, and the students in ``from-TEACHER/{sct,scd}-N``
-(``sct-TAG-N`` with ``--tag``); re-running resumes, so a finished run is only evaluated. ``--teacher/--sct/--scd PATH`` evaluate given checkpoints or run
-directories instead of training. Students start from the teacher's EMA weights (sCT: ``--init``,
-sCD: ``--teacher``), as in issue 10.
+(``sct-TAG-N`` with ``--tag``); re-running resumes, so a finished run is only evaluated.
+``--teacher/--sct/--scd PATH`` evaluate given checkpoints or run directories instead of training.
+Students start from the teacher's EMA weights (sCT: ``--init``, sCD: ``--teacher``), as in issue 10.
+``--first-seed`` scores another set of seeds (the FD's spread between sample sets).
 
     # the issue's budgets (hours on 2 CPU cores):
     python benchmarks/digits_fd.py --cache /tmp/digits-fd --work /tmp/digits-runs \\
@@ -201,10 +202,10 @@ class Reference:
         return {"fd": frechet_distance(mu, sigma, self.mu, self.sigma), "precision": p, "recall": r}
 
 
-def generated_images(model: str, n: int, **settings) -> tuple[torch.Tensor, dict]:
-    """n images (seeds 0..n-1) as uint8 NCHW, and the generator's info."""
+def generated_images(model: str, n: int, first_seed: int = 0, **settings) -> tuple[torch.Tensor, dict]:
+    """n images (seeds first_seed..first_seed+n-1) as uint8 NCHW, and the generator's info."""
     gen = open_generator(model, device="cpu", **settings)
-    images = np.concatenate(list(gen.batches(range(n), batch=250)))
+    images = np.concatenate(list(gen.batches(range(first_seed, first_seed + n), batch=250)))
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), gen.info
 
 
@@ -282,30 +283,30 @@ class ScoreCache:
         self.scores = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     @staticmethod
-    def key(info: dict, n: int) -> str:
+    def key(info: dict, n: int, first_seed: int) -> str:
         return json.dumps([CLASSIFIER_VERSION, info["checkpoint_sha256"], info["steps"], info["t_mid"],
-                           info["solver"], info["weights"], n])
+                           info["solver"], info["weights"], n, first_seed])
 
-    def get(self, info: dict, n: int) -> dict | None:
-        return self.scores.get(self.key(info, n))
+    def get(self, info: dict, n: int, first_seed: int) -> dict | None:
+        return self.scores.get(self.key(info, n, first_seed))
 
-    def put(self, info: dict, n: int, score: dict) -> None:
+    def put(self, info: dict, n: int, first_seed: int, score: dict) -> None:
         from scmctl.fileio import write_atomic
 
         if self.path.is_file():  # another benchmark process may have added scores meanwhile
             self.scores = {**json.loads(self.path.read_text()), **self.scores}
-        self.scores[self.key(info, n)] = score
+        self.scores[self.key(info, n, first_seed)] = score
         write_atomic(self.path, lambda f: f.write(json.dumps(self.scores, indent=1)), binary=False)
 
 
-def evaluate(models: dict, walls: dict, ref: Reference, n: int, tmid_grid: list[float] | None,
+def evaluate(models: dict, walls: dict, ref: Reference, n: int, first_seed: int, tmid_grid: list[float] | None,
              cache: ScoreCache) -> list[dict]:
     rows = []
 
     def add(name, images, info, seconds):
-        s = ref.score(images) if images is not None else cache.get(info, n)
+        s = ref.score(images) if images is not None else cache.get(info, n, first_seed)
         if info and images is not None:
-            cache.put(info, n, s)
+            cache.put(info, n, first_seed, s)
         rows.append({"model": name, "steps": info.get("steps"), "nfe": info.get("nfe"),
                      "t_mid": info.get("t_mid"), **s, "train_s": walls.get(name), "eval_s": seconds,
                      "checkpoint": info.get("checkpoint")})
@@ -313,14 +314,15 @@ def evaluate(models: dict, walls: dict, ref: Reference, n: int, tmid_grid: list[
               flush=True)
 
     t0 = time.perf_counter()
-    add("data (2,000 resampled)", resampled_data(n), {}, time.perf_counter() - t0)
+    add(f"data ({n:,} resampled)", resampled_data(n, seed=first_seed), {}, time.perf_counter() - t0)
     for name, model in models.items():
         settings = [{}] if name == "teacher" else [{"steps": 1}] + (
             [{"steps": 2, "t_mid": t} for t in tmid_grid] if tmid_grid else [{"steps": 2}])
         for kw in settings:
             t0 = time.perf_counter()
             info = open_generator(model, device="cpu", **kw).info
-            images = None if cache.get(info, n) is not None else generated_images(model, n, **kw)[0]
+            cached = cache.get(info, n, first_seed) is not None
+            images = None if cached else generated_images(model, n, first_seed, **kw)[0]
             add(name, images, info, time.perf_counter() - t0)
     teacher_fd = next(r["fd"] for r in rows if r["model"] == "teacher")
     for r in rows:
@@ -361,6 +363,8 @@ def parse_args(argv=None):
     p.add_argument("--set-scd", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tmid-grid", help="2-step t_mid values to score, comma-separated (default: the config's)")
     p.add_argument("-n", type=int, default=2000, help="generated samples per score (default 2000)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first..first+n-1 (another value: a second sample set, for the FD's spread)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = p.parse_args(argv)
     a.methods = [m for m in a.methods.split(",") if m]
@@ -377,9 +381,10 @@ def main(argv=None) -> None:
     detector, acc = load_or_train_classifier(Path(a.cache))
     print(f"classifier: held-out accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     models, walls = train_models(a)
-    rows = evaluate(models, walls, Reference(detector), a.n, a.tmid_grid, ScoreCache(Path(a.cache)))
+    rows = evaluate(models, walls, Reference(detector), a.n, a.first_seed, a.tmid_grid, ScoreCache(Path(a.cache)))
     if a.json:
-        print(json.dumps({"n": a.n, "reference": "all 1797 digits", "classifier_held_out_accuracy": acc,
+        print(json.dumps({"n": a.n, "first_seed": a.first_seed, "reference": "all 1797 digits",
+                          "classifier_held_out_accuracy": acc,
                           "k": K, "rows": rows}))
     else:
         print_table(rows, acc, a.n)

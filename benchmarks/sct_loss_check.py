@@ -43,10 +43,11 @@ def scmctl_loss(net, x0, cfg, sd, step, seed):
     return float(out.loss), flat_grad(net)
 
 
-def reference_loss(net, x0, cfg, sd, step, seed, h):
-    """Algorithm 1 in float64 with dF/dt by central differences along x_t(t) of this pair."""
+def reference_loss(net, x0, cfg, sd, step, seed, h, draw_dtype):
+    """Algorithm 1 in float64 with dF/dt by central differences along x_t(t) of this pair.
+    The draws replay those of a loss run in ``draw_dtype`` (randn differs between float32 and float64)."""
     torch.manual_seed(seed)
-    z = torch.randn_like(x0) * sd                                       # the loss's draws, in order
+    z = torch.randn_like(x0, dtype=draw_dtype).double() * sd            # the loss's draws, in order
     t = trigflow.sample_time(x0.shape[0], cfg.P_mean, cfg.P_std, sd).double()
     c, s = (v.reshape(-1, 1, 1, 1) for v in (torch.cos(t), torch.sin(t)))
     x_t, dxdt = c * x0 + s * z, c * z - s * x0
@@ -101,8 +102,8 @@ def main(argv=None):
     loss_cfg.jvp_mode = "dual" if loss_cfg.jvp_mode == "auto" else loss_cfg.jvp_mode
 
     net64 = copy.deepcopy(net).double()
-    ref_loss, ref_grad = reference_loss(net64, x0.double(), loss_cfg, sd, a.step, a.seed, a.h)
     for name, m, x in (("float64", net64, x0.double()), ("float32", net, x0)):
+        ref_loss, ref_grad = reference_loss(net64, x0.double(), loss_cfg, sd, a.step, a.seed, a.h, x.dtype)
         loss, grad = scmctl_loss(m, x, loss_cfg, sd, a.step, a.seed)
         print(f"scmctl {name}: loss {loss:.8f} vs Algorithm 1 {ref_loss:.8f} (rel {rel(loss, ref_loss):.2e}); "
               f"gradient rel diff {rel(grad, ref_grad):.2e}, cosine "

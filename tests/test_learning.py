@@ -136,5 +136,8 @@ def test_two_steps_beat_one_on_digits(tmp_path):
         untrained.out_gain.fill_(1.0)
     base, one, two = fd(untrained, 1), fd(net, 1), fd(net, 2)
     print(f"digits 8x8 pixel FD: untrained {base:.3f}, 1-step {one:.4f}, 2-step {two:.4f}")
-    assert one < 0.2 * base
-    assert two < one
+    # Observed (this machine, 2 threads; the run is deterministic): untrained 41.577, 1-step 0.5843,
+    # 2-step 0.5619, i.e. 1-step = 0.014·untrained and 2-step = 0.962·1-step. Margins: 1-step under
+    # 0.05·untrained (3.5x), 2-step at least 1.5% better than 1-step (the observed gain is 3.8%).
+    assert one < 0.05 * base
+    assert two < 0.985 * one

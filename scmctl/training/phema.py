@@ -187,7 +187,7 @@ class Snapshot:
 
 def _load_snapshot(path: Path, mmap: bool = True) -> dict:
     try:
-        snap = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        snap = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # safe: tensors/plain data only
     except Exception as e:  # unpickling refusals and truncated files alike: one line naming the file
         raise UsageError(f"{path}: not a readable post-hoc EMA snapshot ({str(e).strip().splitlines()[0][:120] if str(e).strip() else e.__class__.__name__})") from None
     if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT:

@@ -19,13 +19,7 @@ from scmctl.training import checkpoint as ckpt_io
 SD = 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny float64 networks: one thread (two threads on a loaded 2-core machine cost 20x)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: tiny networks run faster on one thread
 
 
 SIGMAS = torch.tensor([0.002, 0.05, 0.5, 2.0, 80.0], dtype=torch.float64)

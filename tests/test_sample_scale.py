@@ -33,13 +33,7 @@ RES = 8
 FEAT = 6  # stand-in feature dimension
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny network's convolutions are faster on one thread on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py: tiny networks run faster on one thread
 
 
 def _tiny_config():

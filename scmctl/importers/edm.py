@@ -69,27 +69,13 @@ def config(top: dict, net: PersistentObject) -> Config:
         raise UsageError(f"EDM snapshot: SongUNet with embedding_type={kw['embedding_type']}, "
                          f"encoder_type={kw['encoder_type']}, decoder_type={kw['decoder_type']}, "
                          f"resample_filter={kw['resample_filter']} is neither DDPM++ nor NCSN++")
-    sigma_data = float(snapshot.attr(net, "sigma_data", 0.5))
-    cfg = Config(method="diffusion")
+    cfg = snapshot.diffusion_config(net, kw)
     n = cfg.network
     n.arch = arch
-    n.resolution = int(snapshot.attr(net, "img_resolution"))
-    n.channels = int(snapshot.attr(net, "img_channels"))
-    n.num_classes = int(snapshot.attr(net, "label_dim", 0))
-    n.model_channels = int(kw["model_channels"])
-    n.channel_mult = [int(m) for m in kw["channel_mult"]]
     n.channel_mult_emb = int(kw["channel_mult_emb"])
-    n.num_blocks = int(kw["num_blocks"])
-    n.attn_resolutions = [int(r) for r in kw["attn_resolutions"]]
-    n.dropout = float(kw["dropout"])
     n.label_dropout = float(kw["label_dropout"])
     n.augment_dim = int(kw["augment_dim"])
-    n.adaptive_double_norm = False
-    n.time_embedding = "edm"
     n.time_embedding_scale = FAMILIES[arch]["time_embedding_scale"]
-    n.edm_sigma_data = sigma_data
-    cfg.data.sigma_data = sigma_data
-    cfg.data.conditional = n.num_classes > 0
     return cfg
 
 

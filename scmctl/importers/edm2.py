@@ -69,26 +69,12 @@ def config(top: dict, net: PersistentObject) -> Config:
     if kw["channel_mult_noise"] not in (None, mult[0]):
         raise UsageError(f"EDM2 snapshot uses channel_mult_noise={kw['channel_mult_noise']}; "
                          f"scmctl's U-Net embeds the noise with channel_mult[0]={mult[0]} channels")
-    sigma_data = float(snapshot.attr(net, "sigma_data", 0.5))
-    cfg = Config(method="diffusion")
+    cfg = snapshot.diffusion_config(net, kw)
     n = cfg.network
-    n.resolution = int(snapshot.attr(net, "img_resolution"))
-    n.channels = int(snapshot.attr(net, "img_channels"))
-    n.num_classes = int(snapshot.attr(net, "label_dim", 0))
-    n.model_channels = int(kw["model_channels"])
-    n.channel_mult = [int(m) for m in mult]
     n.channel_mult_emb = int(kw["channel_mult_emb"] if kw["channel_mult_emb"] is not None else max(mult))
-    n.num_blocks = int(kw["num_blocks"])
-    n.attn_resolutions = [int(r) for r in kw["attn_resolutions"]]
     n.head_channels = int(kw["channels_per_head"])
-    n.dropout = float(kw["dropout"])
-    n.adaptive_double_norm = False
     n.norm_eps_outside = True
-    n.time_embedding = "edm"
-    n.edm_sigma_data = sigma_data
     n.adaptive_weight_channels = int(kw["logvar_channels"])
-    cfg.data.sigma_data = sigma_data
-    cfg.data.conditional = n.num_classes > 0
     _encoder(top.get("encoder"), cfg)
     cfg.sample.solver_steps = 32          # EDM2's sampler default (63 NFE with Heun)
     return cfg

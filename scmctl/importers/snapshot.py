@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from scmctl import safe_pickle
+from scmctl.config import Config
 from scmctl.errors import UsageError
 from scmctl.safe_pickle import InertObject, PersistentObject
 
@@ -38,6 +39,29 @@ def read(path: Path) -> dict:
         raise UsageError(f"{path}: not an EDM/EDM2 network snapshot (expected a dict with an 'ema' "
                          f"network, found {keys or 'an empty dict'})")
     return top
+
+
+def diffusion_config(net: PersistentObject, kw: dict) -> Config:
+    """The config fields EDM's and EDM2's networks share, read from the preconditioner `net` and its
+    U-Net's constructor arguments `kw`: image and label shape, width, blocks, attention, dropout, and
+    EDM's time conditioning (c_noise = ln(σ)/4 with the snapshot's own σ_data, no AdaDN)."""
+    sigma_data = float(attr(net, "sigma_data", 0.5))
+    cfg = Config(method="diffusion")
+    n = cfg.network
+    n.resolution = int(attr(net, "img_resolution"))
+    n.channels = int(attr(net, "img_channels"))
+    n.num_classes = int(attr(net, "label_dim", 0))
+    n.model_channels = int(kw["model_channels"])
+    n.channel_mult = [int(m) for m in kw["channel_mult"]]
+    n.num_blocks = int(kw["num_blocks"])
+    n.attn_resolutions = [int(r) for r in kw["attn_resolutions"]]
+    n.dropout = float(kw["dropout"])
+    n.adaptive_double_norm = False
+    n.time_embedding = "edm"
+    n.edm_sigma_data = sigma_data
+    cfg.data.sigma_data = sigma_data
+    cfg.data.conditional = n.num_classes > 0
+    return cfg
 
 
 def children(record) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import yaml
 from scmctl.data.augment import AUGMENT_DIM
 from scmctl.errors import UsageError
 from scmctl.sampling import SOLVERS
+from scmctl.segments import boundary_problem
 
 # The training methods and the kind of model each makes (the README's Layout section):
 #   method: config.method, a preset's ``methods:`` keys, run directory names;
@@ -139,6 +140,10 @@ class LossConfig:
     jvp_mode: str = "dual"                # dual: one forward carries F_θ (graph) and the tangent;
                                           # separate: no-grad torch.func.jvp, then a grad forward
     jvp_fp32: bool = False                # under train.precision=bf16: the tangent pass in fp32
+    # multistep sCM (issue 13 part 2; Heek et al. 2024; scmctl/segments.py)
+    segments: int = 1                     # M: f_θ maps t in (s_{i−1}, s_i] to s_{i−1}; 1 = sCM
+    segment_boundaries: Optional[list[float]] = None  # M + 1 increasing t from 0 to t_max;
+                                          # null = EDM's ρ = 7 grid (filled in when a run starts)
 
 
 @dataclass
@@ -481,8 +486,21 @@ def validate(cfg: Config) -> None:
     if cfg.network.time_embedding == "edm" and abs(cfg.network.edm_sigma_data - cfg.data.sigma_data) > 1e-12:
         raise UsageError(f"network.edm_sigma_data ({cfg.network.edm_sigma_data}) must equal "
                          f"data.sigma_data ({cfg.data.sigma_data})")
+    _validate_segments(cfg)
     if not 0 < cfg.sample.t_mid < 1.5707963:
         raise UsageError(f"config key 'sample.t_mid' must be in (0, π/2), got {cfg.sample.t_mid}")
+
+
+def _validate_segments(cfg: Config) -> None:
+    loss = cfg.loss
+    if loss.segments < 1:
+        raise UsageError(f"config key 'loss.segments' must be >= 1, got {loss.segments}")
+    if loss.segments > 1 and cfg.method == "diffusion":
+        raise UsageError("loss.segments > 1 (multistep consistency) applies to sct/scd, not to a diffusion model")
+    if loss.segment_boundaries is not None:
+        problem = boundary_problem(loss.segment_boundaries, loss.segments, cfg.data.sigma_data)
+        if problem:
+            raise UsageError(f"config key 'loss.segment_boundaries' {problem}")
 
 
 # Sizes that must be positive (the >= checks above allow 0 where 0 means "off").

@@ -18,7 +18,9 @@ Public API (stable; other commands build on it):
 open_generator(model, *, steps=None, t_mid=None, ts=None, solver=None, guidance=1.0, label=None,
                weights="ema", device="auto") -> Generator
     steps:   consistency steps (1, 2, K) or the ODE solver's steps for a diffusion model;
-             default: the checkpoint config's ``sample.steps`` / ``sample.solver_steps``
+             default: the checkpoint config's ``sample.steps`` / ``sample.solver_steps``; a
+             multistep model (loss.segments = M > 1) walks its segment boundaries in 1..M
+             steps, default M (:func:`scmctl.segments.sampling_times`; t_mid and ts refused)
     t_mid:   the 2-step intermediate time (default ``sample.t_mid``, 1.1 in the paper)
     ts:      explicit decreasing times after t_max (consistency models)
     solver:  a name in :data:`scmctl.sampling.SOLVERS` (dpm2s, heun, heun-t, euler; diffusion
@@ -57,6 +59,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from scmctl import segments
 from scmctl.errors import UsageError, check_float
 from scmctl.fileio import remove_stale_temps, sha256_file, write_atomic, write_json_atomic
 
@@ -120,6 +123,7 @@ class Generator:
         from scmctl.sampling import consistency_times, evaluations_per_call
 
         self.net, self.cfg, self.kind, self.device = net, cfg, kind, device
+        self.boundaries = segments.of_model(cfg) if kind == "consistency" else None
         self.steps, self.t_mid, self.ts, self.solver = steps, t_mid, ts, solver
         self.guidance, self.label, self.weights = check_float(guidance, "--guidance", 0.0), label, weights
         self.checkpoint, self.checkpoint_sha256 = checkpoint, checkpoint_sha256
@@ -127,7 +131,13 @@ class Generator:
         self.prefetch = torch.device(device).type != "cpu"  # draw the next noises on a thread
         self.num_classes = int(getattr(net, "num_classes", 0) or 0)
         t_max = trigflow.t_max(cfg.data.sigma_data)
-        if kind == "consistency":
+        if self.boundaries is not None:
+            if ts is not None:
+                raise UsageError("--ts does not apply to a multistep consistency model: it samples along its "
+                                 "segment boundaries (--steps 1..M)")
+            self.times = segments.sampling_times(steps, self.boundaries)  # validates --steps
+            calls = steps
+        elif kind == "consistency":
             if ts is None and steps >= 2 and not 0 < t_mid < t_max:
                 raise UsageError(f"--t-mid must be in (0, t_max = {t_max:.4f}), got {t_mid}")
             self.times = consistency_times(steps, t_max, t_mid, ts)  # validates --ts
@@ -139,7 +149,7 @@ class Generator:
 
     @property
     def uses_t_mid(self) -> bool:
-        return self.kind == "consistency" and self.ts is None and self.steps >= 2
+        return self.kind == "consistency" and self.boundaries is None and self.ts is None and self.steps >= 2
 
     @property
     def info(self) -> dict:
@@ -163,6 +173,8 @@ class Generator:
 
     def with_t_mid(self, t_mid: float) -> "Generator":
         """The same network with another 2-step intermediate time."""
+        if self.boundaries is not None:
+            raise UsageError("a multistep consistency model has no t_mid: it samples along its segment boundaries")
         same = ("net", "cfg", "kind", "checkpoint", "checkpoint_sha256", "device", "steps", "ts", "solver",
                 "guidance", "label", "weights")
         g = Generator(**{k: getattr(self, k) for k in same}, t_mid=float(t_mid))
@@ -174,7 +186,8 @@ class Generator:
         from scmctl import trigflow
         from scmctl.sampling import num_draws, per_image_draws
 
-        k = num_draws(self.kind, self.steps, trigflow.t_max(self.cfg.data.sigma_data), self.t_mid, self.ts)
+        k = num_draws(self.kind, self.steps, trigflow.t_max(self.cfg.data.sigma_data), self.t_mid, self.ts,
+                      self.boundaries)
         return per_image_draws([int(s) for s in seeds], self.shape, k, self.num_classes, "cpu")
 
     @torch.no_grad()
@@ -189,7 +202,7 @@ class Generator:
             labels = torch.full((len(seeds),), self.label, dtype=torch.long, device=self.device)
         x0, lab, _ = generate(self.net, self.kind, seeds, self.shape, self.cfg.data.sigma_data, self.steps,
                               self.t_mid, self.ts, self.solver, labels, self.guidance, self.device,
-                              draws=draws if draws is not None else self.draws(seeds))
+                              draws=draws if draws is not None else self.draws(seeds), boundaries=self.boundaries)
         finite = torch.isfinite(x0.flatten(1)).all(dim=1)
         if not bool(finite.all()):  # NaN would quantize to black and pass for an image
             bad = seeds[int((~finite).nonzero()[0, 0])]
@@ -238,8 +251,13 @@ def open_generator(model: str | os.PathLike, *, steps: Optional[int] = None, t_m
     if kind == "diffusion" and ts:
         raise UsageError("--ts applies to consistency models; use --steps/--solver for a diffusion model")
     s = cfg.sample
+    multistep = kind == "consistency" and segments.of_model(cfg) is not None
+    if multistep and t_mid is not None:
+        raise UsageError("--t-mid does not apply to a multistep consistency model: it samples along its "
+                         "segment boundaries (--steps 1..M)")
     if steps is None:
-        steps = len(ts) if ts else (s.steps if kind == "consistency" else s.solver_steps)
+        steps = (cfg.loss.segments if multistep else len(ts) if ts else
+                 s.steps if kind == "consistency" else s.solver_steps)
     return Generator(net, cfg, kind, ckpt["path"], sha256_file(ckpt["path"]), dev, steps,
                      float(s.t_mid if t_mid is None else t_mid), ts, solver or s.solver, guidance,
                      parse_label(label, int(getattr(net, "num_classes", 0) or 0)), weights)

@@ -11,6 +11,11 @@ The sCM loss follows Algorithm 1 of Lu & Song (ICLR 2025), Sec. 4. One step:
     g ← g/(‖g‖ + c)                                                       (tangent normalization)
     L = e^{w_φ(t)}/D·‖F_θ(x_t/σ_d, t) − F⁻ − g‖² − w_φ(t)                 (adaptive weighting)
 
+Multistep (loss.segments = M > 1, Heek et al. 2024; :mod:`scmctl.segments`): f_θ maps t in
+(s_{i−1}, s_i] to s = s_{i−1}, f_θ = cos(t−s)·x_t − sin(t−s)·σ_d·F_θ(x_t/σ_d, t), so along the
+ODE (s fixed) df⁻/dt = −cos(t−s)(σ_d F⁻ − dx_t/dt) − sin(t−s)(x_t + σ_d dF⁻/dt): the tangent
+above with t − s in the trigonometric factors (and in the jvp's tangents), F still at t.
+
 θ⁻ is the current weights without gradient (no EMA target). The jvp runs under no_grad on the
 unwrapped module; the gradient flows only through the fresh forward F_θ (and w_φ). Both passes see
 the same dropout mask (the RNG state is restored between them) and the same labels.
@@ -26,7 +31,7 @@ from typing import Callable, Optional
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from scmctl import trigflow
+from scmctl import segments, trigflow
 from scmctl.config import LossConfig
 from scmctl.trigflow import per_sample
 
@@ -85,18 +90,21 @@ def diffusion_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg: L
 
 def consistency_tangent(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Tensor,
                         sigma_data: float, warmup_r: float, labels=None, guidance=None,
-                        keep_graph: bool = False):
+                        keep_graph: bool = False, s: Optional[torch.Tensor] = None):
     """F and the unnormalized tangent g = −cos²t(σ_d F − dx/dt) − r(cos t sin t x_t + J), with
     J = σ_d cos t sin t dF/dt from one forward with dual tensors (Lu & Song 2025, Alg. 1).
+    `s`: a multistep model's segment start per sample (None = 0, sCM): every cos t, sin t above
+    becomes cos(t − s), sin(t − s), i.e. g = cos(t − s)·df⁻/dt (module docstring).
 
     keep_graph=False: the paper's no-grad jvp (F is F⁻). keep_graph=True ("dual" mode): F keeps its
     autograd graph for the gradient while the tangent rides along and is detached; this saves the
     separate gradient forward (≈4/3 of a diffusion step instead of ≈5/3). g never has a graph.
     """
-    cos, sin = torch.cos(per_sample(t, x_t)), torch.sin(per_sample(t, x_t))
+    u = t if s is None else t - s  # the time left to the segment start
+    cos, sin = torch.cos(per_sample(u, x_t)), torch.sin(per_sample(u, x_t))
     with (contextlib.nullcontext() if keep_graph else torch.no_grad()), fwAD.dual_level():
         x_d = fwAD.make_dual(x_t / sigma_data, cos * sin * dxdt)
-        t_d = fwAD.make_dual(t, torch.cos(t) * torch.sin(t) * sigma_data)
+        t_d = fwAD.make_dual(t, torch.cos(u) * torch.sin(u) * sigma_data)
         F, J = fwAD.unpack_dual(net(x_d, t_d, labels, guidance))
         J = J.detach()
     g = -cos.square() * (sigma_data * F.detach() - dxdt) - warmup_r * (cos * sin * x_t + J)
@@ -124,7 +132,7 @@ def tangent_warmup(step: int, cfg: LossConfig) -> float:
 
 
 def _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg: LossConfig,
-                         sigma_data: float):
+                         sigma_data: float, s=None):
     """(F_θ with its autograd graph, the float64 tangent g, finite: the samples whose g and F⁻ are
     finite). dual: one forward through `train_net` carries both. separate: the no-grad jvp on the
     unwrapped `net`, then the gradient forward on the same dropout mask (the RNG is forked around
@@ -135,11 +143,11 @@ def _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg:
             x_t = torch.where(ok, x_t, torch.zeros_like(x_t))
             dxdt = torch.where(ok, dxdt, torch.full_like(dxdt, float("nan")))
         F_theta, g = consistency_tangent(train_net, x_t, t, dxdt, sigma_data, r, labels, guidance,
-                                         keep_graph=True)
+                                         keep_graph=True, s=s)
         g = g.double()
         return F_theta, g, _all_finite(g) & _all_finite(F_theta.detach())
     with torch.random.fork_rng(devices=[x_t.device] if x_t.device.type == "cuda" else []):
-        F_minus, g = consistency_tangent(net, x_t, t, dxdt, sigma_data, r, labels, guidance)
+        F_minus, g = consistency_tangent(net, x_t, t, dxdt, sigma_data, r, labels, guidance, s=s)
     g = g.double()
     finite = _all_finite(g) & _all_finite(F_minus)
     x_in = x_t / sigma_data
@@ -149,6 +157,14 @@ def _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg:
     # pass's primal in exact arithmetic, and F_θ − F⁻ stays exactly 0 when the two passes run
     # in different precisions (bf16 gradient forward, fp32 tangent: loss.jvp_fp32).
     return train_net(x_in, t, labels, guidance), g, finite
+
+
+def segment_start(t: torch.Tensor, cfg: LossConfig, sigma_data: float) -> Optional[torch.Tensor]:
+    """A multistep model's segment start s per sample (loss.segments > 1), None for sCM."""
+    if cfg.segments == 1:
+        return None
+    bounds = segments.resolved_boundaries(cfg.segment_boundaries, cfg.segments, sigma_data)
+    return segments.segment_start(t, bounds)
 
 
 def _all_finite(x: torch.Tensor) -> torch.Tensor:
@@ -186,9 +202,11 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
     else:
         dxdt, guidance = teacher_velocity(teacher, x_t, t, labels, cfg, sigma_data)
     r = tangent_warmup(step, cfg)
+    s = segment_start(t, cfg, sigma_data)
 
     # F_θ, the tangent g (Eq. 8 rearranged), and the samples it is finite for
-    F_theta, g, finite = _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg, sigma_data)
+    F_theta, g, finite = _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg, sigma_data,
+                                              s=s)
     F_minus = F_theta.detach()
     g_rms = g.flatten(1).norm(dim=1) / math.sqrt(d)
     if cfg.nan_masking:  # drop samples whose tangent or F⁻ is not finite

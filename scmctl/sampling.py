@@ -1,10 +1,11 @@
 """Samplers in TrigFlow: consistency 1/2/K-step (multistep consistency sampling, Song et al. 2023
-Alg. 1, in TrigFlow as Lu & Song 2025 sample with t_mid = 1.1), refine, and the teacher ODE solvers
-(:data:`SOLVERS`).
+Alg. 1, in TrigFlow as Lu & Song 2025 sample with t_mid = 1.1), the deterministic walk of a
+multistep consistency model along its segment boundaries (Heek et al. 2024), refine, and the
+teacher ODE solvers (:data:`SOLVERS`).
 
 Image k of a sampling run uses its own generator seeded with `seed + k` (EDM's "seeds 0-49999"),
 from which it draws, in this order, its class label (conditional models) and then one noise image
-per sampling step. So an image depends only on the seed and k, never on the batch size.
+per sampling step (one in all for an ODE solve or a multistep model). So an image depends only on the seed and k, never on the batch size.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from scmctl import trigflow
+from scmctl import segments, trigflow
 from scmctl.errors import UsageError, check_float
 
 
@@ -99,6 +100,18 @@ def consistency_sample(vel: Velocity, noises: torch.Tensor, times: Sequence[floa
             x = math.cos(t) * x0 + math.sin(t) * sigma_data * noises[i]
         x0 = trigflow.denoise(x, torch.full((x.shape[0],), t, device=x.device), vel(x, t), sigma_data)
     return x0
+
+
+@torch.no_grad()
+def multistep_sample(vel: Velocity, noise: torch.Tensor, times: Sequence[float],
+                     sigma_data: float) -> torch.Tensor:
+    """A multistep consistency model's sample (Heek et al. 2024; :mod:`scmctl.segments`): x = σ_d z
+    at times[0] = t_max, then for each later time s, x_s = f_θ(x_t, t) = cos(t−s)·x_t −
+    sin(t−s)·σ_d·F(x_t/σ_d, t) (the TrigFlow DDIM jump); one velocity call per jump, no new noise."""
+    x = noise * sigma_data
+    for t, s in zip(times[:-1], times[1:]):
+        x = trigflow.ddim_step(x, t, s, vel(x, t), sigma_data)
+    return x
 
 
 def _denoised(vel: Velocity, x_t: torch.Tensor, t: float) -> torch.Tensor:
@@ -199,9 +212,12 @@ def teacher_times(steps: int, sigma_data: float, t_start: Optional[float] = None
 
 
 def num_draws(kind: str, steps: int, t_max: float, t_mid: float = 1.1,
-              ts: Optional[Sequence[float]] = None) -> int:
-    """Noise images drawn per seed: one per consistency step, one for an ODE solve."""
-    return len(consistency_times(steps, t_max, t_mid, ts)) if kind == "consistency" else 1
+              ts: Optional[Sequence[float]] = None, boundaries: Optional[Sequence[float]] = None) -> int:
+    """Noise images drawn per seed: one per consistency step, one for an ODE solve or a multistep
+    consistency model (`boundaries`: its segment boundaries)."""
+    if kind != "consistency" or boundaries is not None:
+        return 1
+    return len(consistency_times(steps, t_max, t_mid, ts))
 
 
 @torch.no_grad()
@@ -209,22 +225,28 @@ def generate(net, kind: str, seeds: Sequence[int], shape: tuple[int, ...], sigma
              steps: int, t_mid: float = 1.1, ts: Optional[Sequence[float]] = None,
              solver: str = "dpm2s", labels: Optional[torch.Tensor] = None, guidance: float = 1.0,
              device="cpu", draws: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+             boundaries: Optional[Sequence[float]] = None,
              ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Images (float, data space) for `seeds`; returns (x0, labels, network evaluations per batch).
 
     `draws`: the result of :func:`per_image_draws` for these seeds (with :func:`num_draws` noises),
     when drawn ahead of time (e.g. on another thread while the previous batch runs); moved to
-    `device` here."""
+    `device` here. `boundaries`: a multistep consistency model's segment boundaries
+    (:func:`scmctl.segments.of_model`): `steps` jumps along them, `t_mid`/`ts` unused."""
     num_classes = getattr(net, "num_classes", 0)
     tmax = trigflow.t_max(sigma_data)
     if kind == "consistency":
-        times = consistency_times(steps, tmax, t_mid, ts)
+        times = (segments.sampling_times(steps, boundaries) if boundaries is not None
+                 else consistency_times(steps, tmax, t_mid, ts))
     if draws is None:
-        draws = per_image_draws(seeds, shape, num_draws(kind, steps, tmax, t_mid, ts), num_classes, device)
+        draws = per_image_draws(seeds, shape, num_draws(kind, steps, tmax, t_mid, ts, boundaries), num_classes,
+                                device)
     noises, drawn = draws[0].to(device), (draws[1].to(device) if draws[1] is not None else None)
     lab = labels if labels is not None else drawn
     vel = Velocity(net, sigma_data, lab, guidance)
-    if kind == "consistency":
+    if kind == "consistency" and boundaries is not None:
+        x0 = multistep_sample(vel, noises[0], times, sigma_data)
+    elif kind == "consistency":
         x0 = consistency_sample(vel, noises, times, sigma_data)
     else:
         times_t = teacher_times(steps, sigma_data)

@@ -40,6 +40,7 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
     from scmctl.data.latents import decode_to_uint8, encode_from_uint8, is_latent, pixel_resolution
     from scmctl.generation import load_for_sampling, parse_label
     from scmctl.sampling import refine
+    from scmctl import segments
 
     from scmctl.fileio import check_output_dir
 
@@ -51,6 +52,9 @@ def refine_cmd(model: str = typer.Argument(..., metavar="CKPT|RUN_DIR"),
     targets = output_names(input_dir, files, out)
     check_output_dir(out, "--out")
     net, cfg, kind, ckpt, dev = load_for_sampling(model, weights, device)
+    if kind == "consistency" and segments.of_model(cfg) is not None:
+        raise UsageError(f"{model}: refine takes sCM or diffusion models; this multistep consistency model maps "
+                         "x_t to its segment's lower boundary, not to data (sample it with --steps 1..M)")
     times = list(t) or [cfg.sample.t_mid]
     for tt in times:
         if not 0 < tt < 1.5707963:  # NaN fails this test too

@@ -11,6 +11,7 @@ the run, :func:`resolve_for_run` makes the one copy the run uses, and nothing ed
   normalization;
 - the sCD teacher's model space: the data must be encoded and normalized as the teacher's was;
 - the sCD student's guidance input (a guided teacher, loss.max_guidance > 1, conditional data);
+- a multistep model's segment boundaries (loss.segment_boundaries; null = the default placement);
 - what the hardware setup forces: the effective loss.jvp_mode (:func:`effective_jvp_mode`) and,
   under train.compile, the attention backend that ``auto`` means.
 
@@ -24,6 +25,7 @@ from typing import Optional, Sequence
 
 from scmctl.config import Config, from_dict, validate
 from scmctl.errors import UsageError
+from scmctl.segments import resolved_boundaries
 from scmctl.training.parallel import effective_jvp_mode
 
 # Network fields a student takes from its own config rather than from the checkpoint it starts from.
@@ -66,6 +68,9 @@ def resolve_for_run(cfg: Config, *, world: int = 1, device: str = "auto", datase
     if cfg.method == "scd" and cfg.loss.max_guidance > 1 and cfg.network.num_classes:
         cfg.network.guidance_input = True  # the student takes the teacher's guidance scale s
     validate(cfg)
+    if cfg.loss.segments > 1:  # a multistep model's checkpoints carry its boundaries (`sample` reads them)
+        cfg.loss.segment_boundaries = resolved_boundaries(cfg.loss.segment_boundaries, cfg.loss.segments,
+                                                          cfg.data.sigma_data)
     mode, why = effective_jvp_mode(cfg, world)
     if mode != cfg.loss.jvp_mode:
         notes.append(f"loss.jvp_mode={cfg.loss.jvp_mode} runs as {mode}: {why}")

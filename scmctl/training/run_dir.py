@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from scmctl import distributed
+from scmctl import distributed, segments
 from scmctl.config import Config, model_kind
 from scmctl.data.imageio import save_grid
 from scmctl.fileio import remove_stale_temps, write_text_atomic
@@ -188,9 +188,10 @@ def write_grid(path: Path, net: ImageNetwork, cfg: Config, device) -> Path:
     s = cfg.sample
     kind = model_kind(cfg.method)
     shape = (cfg.network.channels, cfg.network.resolution, cfg.network.resolution)
-    steps = s.steps if kind == "consistency" else s.solver_steps
+    boundaries = segments.of_model(cfg)  # a multistep model walks all its M segments
+    steps = (len(boundaries) - 1 if boundaries else s.steps) if kind == "consistency" else s.solver_steps
     x0, _, _ = generate(net, kind, list(range(s.grid_images)), shape, cfg.data.sigma_data, steps, s.t_mid,
-                        solver=s.solver, device=device)
+                        solver=s.solver, device=device, boundaries=boundaries)
     save_grid(path, decode_to_uint8(cfg.data, x0, device))
     return path
 

@@ -356,6 +356,8 @@ def test_multistep_distill_sample_eval_refine_and_resume(tmp_path, capsys, detec
         assert_bad_input(code, err, needle)
     code, out, err = run(capsys, "refine", full, tmp_path / "m4", "--out", tmp_path / "refined")
     assert_bad_input(code, err, "multistep")
+    code, out, err = run(capsys, "sample", full, "--search-tmid", "--ref", tmp_path / "ref.npz", "--tmid-grid", 0.9)
+    assert_bad_input(code, err, "no t_mid")
     code, out, err = run(capsys, "distill", "--teacher", teacher, "--run-dir", tmp_path / "x", *SMALL,
                          "--set", "loss.segments=2", "--set", "loss.segment_boundaries=[0, 1.6, 1.5645]")
     assert_bad_input(code, err, "loss.segment_boundaries", "increasing")

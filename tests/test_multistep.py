@@ -65,6 +65,14 @@ def _path(n, d, seed):
     return x0, z
 
 
+def _f_minus(net, x0, z, s):
+    """t ↦ f(x_t, t) = cos(t−s)·x_t − sin(t−s)·σ_d·F(x_t/σ_d, t) along x_t = cos t·x0 + sin t·z, s fixed."""
+    def f(tt):
+        x = trigflow.add_noise(x0, z, tt)
+        return torch.cos(tt - s)[:, None] * x - torch.sin(tt - s)[:, None] * SD * net(x / SD, tt)
+    return f
+
+
 @pytest.mark.parametrize("keep_graph", [False, True])
 def test_tangent_is_cos_t_minus_s_times_the_central_difference_of_f(keep_graph):
     """g = cos(t − s)·df⁻/dt along the exact sCT path x_t = cos t·x0 + sin t·z with s fixed
@@ -77,10 +85,7 @@ def test_tangent_is_cos_t_minus_s_times_the_central_difference_of_f(keep_graph):
     s = segments.segment_start(t, b)
     assert len(set(s.tolist())) == 4  # every segment is visited
 
-    def f(tt):
-        x = trigflow.add_noise(x0, z, tt)
-        return torch.cos(tt - s)[:, None] * x - torch.sin(tt - s)[:, None] * SD * net(x / SD, tt)
-
+    f = _f_minus(net, x0, z, s)
     h = 1e-5
     with torch.no_grad():
         fd = torch.cos(t - s)[:, None] * (f(t + h) - f(t - h)) / (2 * h)
@@ -115,10 +120,7 @@ def _analytic_grad(net, x0, cfg, seed, bounds):
     t = t.float().double()  # the loss computes t in float32
     s = segments.segment_start(t.float(), bounds).double()
 
-    def f(tt):
-        x = trigflow.add_noise(x0, z, tt)
-        return torch.cos(tt - s)[:, None] * x - torch.sin(tt - s)[:, None] * SD * net(x / SD, tt)
-
+    f = _f_minus(net, x0, z, s)
     h = 1e-6
     with torch.no_grad():
         g = torch.cos(t - s)[:, None] * (f(t + h) - f(t - h)) / (2 * h)

@@ -60,10 +60,10 @@ def runs(tmp_path_factory):
                              None if out is None else out.clone()))
         return out
 
-    def spy_tangent(net, x_t, t, dxdt, sigma_data, warmup_r, labels=None, guidance=None, keep_graph=False):
+    def spy_tangent(net, x_t, t, dxdt, sigma_data, warmup_r, labels=None, guidance=None, keep_graph=False, s=None):
         seen["tangent"].append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in
                                 dict(x_t=x_t, t=t, dxdt=dxdt, labels=labels, guidance=guidance).items()})
-        return tangent(net, x_t, t, dxdt, sigma_data, warmup_r, labels, guidance, keep_graph)
+        return tangent(net, x_t, t, dxdt, sigma_data, warmup_r, labels, guidance, keep_graph, s)
 
     mp.setattr(losses, "drop_labels", spy_drop)
     mp.setattr(losses, "consistency_tangent", spy_tangent)

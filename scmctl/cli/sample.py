@@ -194,6 +194,9 @@ def _search(model, n, steps, label, guidance, seed, batch, weights, device, ref,
     gen = open_generator(model, steps=2, guidance=guidance, label=label, weights=weights, device=device)
     if gen.kind != "consistency":
         raise UsageError("--search-tmid needs a consistency model (sCT/sCD checkpoint); this one is a diffusion model")
+    if gen.boundaries is not None:
+        raise UsageError("--search-tmid: a multistep consistency model has no t_mid (it samples along its segment "
+                         "boundaries, --steps 1..M)")
     from scmctl import trigflow
 
     t_max = trigflow.t_max(gen.cfg.data.sigma_data)

@@ -319,7 +319,7 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(tmp_path):
     assert [_strip(r) for r in _stats(rd)] == [_strip(r) for r in _stats(full)]
 
 
-def test_multistep_distill_sample_eval_refine_and_resume(tmp_path, capsys, detector):
+def test_multistep_distill_sample_eval_refine_and_resume(tmp_path, capsys, detector, one_thread):
     """Multistep sCD (loss.segments = 4): config.yaml and the checkpoints carry the boundaries,
     `sample` walks them (nfe = steps, default M), eval reports that nfe, the t_mid options and
     refine are refused in one line, and a resumed run equals the uninterrupted one bit for bit."""

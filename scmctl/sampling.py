@@ -5,7 +5,8 @@ teacher ODE solvers (:data:`SOLVERS`).
 
 Image k of a sampling run uses its own generator seeded with `seed + k` (EDM's "seeds 0-49999"),
 from which it draws, in this order, its class label (conditional models) and then one noise image
-per sampling step (one in all for an ODE solve or a multistep model). So an image depends only on the seed and k, never on the batch size.
+per sampling step (one in all for an ODE solve or a multistep model). So an image depends only on
+the seed and k, never on the batch size.
 """
 
 from __future__ import annotations

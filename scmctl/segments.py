@@ -5,7 +5,7 @@ consistency function maps x_t to the segment's lower boundary s = s_{i−1}:
 
     f_θ(x_t, t) = cos(t − s)·x_t − sin(t − s)·σ_d·F_θ(x_t/σ_d, t)
 
-(the TrigFlow DDIM jump from t to s with F_θ; M = 1 is sCM, Lu & Song 2025 Eq. 6). Sampling walks
+(the TrigFlow DDIM jump from t to s with F_θ; M = 1 is sCM's f_θ, Lu & Song 2025 Sec. 3). Sampling walks
 the boundaries, x_{s_{i−1}} = f_θ(x_{s_i}, s_i): M network evaluations.
 
 Default placement: EDM's ρ = 7 σ grid (Karras et al. 2022, Eq. 5) of M + 1 points from σ_max = 80
@@ -65,7 +65,8 @@ def segment_start(t: torch.Tensor, boundaries: Sequence[float]) -> torch.Tensor:
 
 def of_model(cfg) -> Optional[list[float]]:
     """A model's segment boundaries from its config (loss.segments, loss.segment_boundaries), or
-    None for a model that is not multistep (M = 1, a diffusion model, a pre-0.4 checkpoint)."""
+    None for a model that is not multistep (M = 1, a diffusion model, a checkpoint written before
+    multistep models existed)."""
     if cfg.method == "diffusion" or cfg.loss.segments == 1:
         return None
     return resolved_boundaries(cfg.loss.segment_boundaries, cfg.loss.segments, cfg.data.sigma_data)

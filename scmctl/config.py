@@ -24,7 +24,7 @@ import yaml
 from scmctl.data.augment import AUGMENT_DIM
 from scmctl.errors import UsageError
 from scmctl.sampling import SOLVERS
-from scmctl.segments import boundary_problem
+from scmctl.segments import SPACINGS, boundary_problem
 
 # The training methods and the kind of model each makes (the README's Layout section):
 #   method: config.method, a preset's ``methods:`` keys, run directory names;
@@ -143,7 +143,8 @@ class LossConfig:
     # multistep sCM (issue 13 part 2; Heek et al. 2024; scmctl/segments.py)
     segments: int = 1                     # M: f_θ maps t in (s_{i−1}, s_i] to s_{i−1}; 1 = sCM
     segment_boundaries: Optional[list[float]] = None  # M + 1 increasing t from 0 to t_max;
-                                          # null = EDM's ρ = 7 grid (filled in when a run starts)
+                                          # null = from segment_spacing (filled in when a run starts)
+    segment_spacing: str = "uniform"      # uniform in t | edm (EDM's ρ = 7 σ grid)
 
 
 @dataclass
@@ -183,6 +184,7 @@ CHOICES = {
     "train.optimizer": ("adam", "radam"),
     "loss.tangent_norm": ("l2", "rms", "none"),
     "loss.jvp_mode": ("dual", "separate"),
+    "loss.segment_spacing": SPACINGS,
     "train.parallel": ("ddp", "fsdp"),
     "train.precision": ("fp32", "bf16"),
     "sample.solver": tuple(SOLVERS),

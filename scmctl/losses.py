@@ -163,7 +163,7 @@ def segment_start(t: torch.Tensor, cfg: LossConfig, sigma_data: float) -> Option
     """A multistep model's segment start s per sample (loss.segments > 1), None for sCM."""
     if cfg.segments == 1:
         return None
-    bounds = segments.resolved_boundaries(cfg.segment_boundaries, cfg.segments, sigma_data)
+    bounds = segments.resolved_boundaries(cfg.segment_boundaries, cfg.segments, sigma_data, cfg.segment_spacing)
     return segments.segment_start(t, bounds)
 
 

@@ -8,9 +8,17 @@ consistency function maps x_t to the segment's lower boundary s = s_{i−1}:
 (the TrigFlow DDIM jump from t to s with F_θ; M = 1 is sCM's f_θ, Lu & Song 2025 Sec. 3). Sampling walks
 the boundaries, x_{s_{i−1}} = f_θ(x_{s_i}, s_i): M network evaluations.
 
-Default placement: EDM's ρ = 7 σ grid (Karras et al. 2022, Eq. 5) of M + 1 points from σ_max = 80
-down to σ_min = 0.002, mapped to t = arctan(σ/σ_d), its last point (σ_min) replaced by 0, so that
-each of the M segments spans a σ range of the teacher's sampler (not the near-empty (0, t(σ_min)]).
+Default placement (``loss.segment_spacing``; the run records the resulting list):
+
+- ``uniform`` (default): s_i = i·t_max/M, evenly spaced in TrigFlow time, as Heek et al. space their
+  segments evenly in their diffusion time;
+- ``edm``: EDM's ρ = 7 σ grid (Karras et al. 2022, Eq. 5) of M + 1 points from σ_max = 80 down to
+  σ_min = 0.002, mapped to t = arctan(σ/σ_d), its last point (σ_min) replaced by 0 (so no segment is
+  the near-empty (0, t(σ_min)]): the teacher sampler's steps.
+
+Measured on the 2-D grid toy (sCD, 1000 steps from the same teacher, sliced Wasserstein distance;
+teacher 0.0245): M = 4 in 4 steps 0.024 (uniform) vs 0.034 (edm), M = 2 in 2 steps 0.060 vs 0.086.
+The ρ = 7 grid crowds the boundaries near t_max (for M = 4 the top two segments are 0.02 wide).
 """
 
 from __future__ import annotations
@@ -26,12 +34,21 @@ from scmctl.errors import UsageError
 ENDPOINT_TOLERANCE = 1e-3
 
 
-def default_boundaries(segments: int, sigma_data: float) -> list[float]:
-    """The M + 1 increasing boundaries of the default placement (module docstring), float64;
-    the ends exactly 0 and t_max(σ_d)."""
-    grid = trigflow.edm_time_grid(segments + 1, sigma_data)  # M + 1 σ points decreasing, then 0
-    inner = sorted(float(t) for t in grid[1:segments])      # σ_1 … σ_{M−1}; σ_max and σ_min dropped
-    return [0.0, *inner, trigflow.t_max(sigma_data)]
+SPACINGS = ("uniform", "edm")  # loss.segment_spacing
+
+
+def default_boundaries(segments: int, sigma_data: float, spacing: str = "uniform") -> list[float]:
+    """The M + 1 increasing boundaries of the default placement `spacing` (module docstring),
+    float64; the ends exactly 0 and t_max(σ_d)."""
+    t_max = trigflow.t_max(sigma_data)
+    if spacing == "uniform":
+        inner = [i * t_max / segments for i in range(1, segments)]
+    elif spacing == "edm":
+        grid = trigflow.edm_time_grid(segments + 1, sigma_data)  # M + 1 σ points decreasing, then 0
+        inner = sorted(float(t) for t in grid[1:segments])      # σ_1 … σ_{M−1}; σ_max and σ_min dropped
+    else:
+        raise ValueError(f"segment spacing {spacing!r} is not one of {SPACINGS}")
+    return [0.0, *inner, t_max]
 
 
 def boundary_problem(boundaries: Sequence[float], segments: int, sigma_data: float) -> Optional[str]:
@@ -47,11 +64,12 @@ def boundary_problem(boundaries: Sequence[float], segments: int, sigma_data: flo
     return None
 
 
-def resolved_boundaries(boundaries: Optional[Sequence[float]], segments: int, sigma_data: float) -> list[float]:
-    """The boundaries a run uses: the default placement for None, else the given list with its ends
-    snapped to exactly 0 and t_max (validated by :func:`boundary_problem` beforehand)."""
+def resolved_boundaries(boundaries: Optional[Sequence[float]], segments: int, sigma_data: float,
+                        spacing: str = "uniform") -> list[float]:
+    """The boundaries a run uses: the default placement `spacing` for None, else the given list
+    with its ends snapped to exactly 0 and t_max (validated by :func:`boundary_problem` beforehand)."""
     if boundaries is None:
-        return default_boundaries(segments, sigma_data)
+        return default_boundaries(segments, sigma_data, spacing)
     return [0.0, *(float(t) for t in boundaries[1:-1]), trigflow.t_max(sigma_data)]
 
 
@@ -69,7 +87,8 @@ def of_model(cfg) -> Optional[list[float]]:
     multistep models existed)."""
     if cfg.method == "diffusion" or cfg.loss.segments == 1:
         return None
-    return resolved_boundaries(cfg.loss.segment_boundaries, cfg.loss.segments, cfg.data.sigma_data)
+    return resolved_boundaries(cfg.loss.segment_boundaries, cfg.loss.segments, cfg.data.sigma_data,
+                               cfg.loss.segment_spacing)
 
 
 def sampling_times(steps: int, boundaries: Sequence[float]) -> list[float]:

@@ -19,15 +19,22 @@ SD = 0.5
 T_MAX = trigflow.t_max(SD)
 
 
-def test_default_boundaries_are_the_rho7_sigma_grid_with_its_last_point_at_zero():
+def test_default_boundaries_are_uniform_in_t():
+    for m in (1, 2, 4, 8, 16):
+        got = segments.default_boundaries(m, SD)
+        assert len(got) == m + 1 and got[0] == 0.0 and got[-1] == T_MAX
+        assert all(abs(b - i * math.atan(80.0 / SD) / m) < 1e-12 for i, b in enumerate(got)), (m, got)
+
+
+def test_edm_boundaries_are_the_rho7_sigma_grid_with_its_last_point_at_zero():
     for m in (1, 2, 4, 8, 16):
         lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
         sig = [(hi + i / m * (lo - hi)) ** 7 for i in range(1, m)]  # σ_1 .. σ_{M−1}, decreasing
         want = [0.0] + [math.atan(s / SD) for s in reversed(sig)] + [math.atan(80.0 / SD)]
-        got = segments.default_boundaries(m, SD)
+        got = segments.default_boundaries(m, SD, "edm")
         assert len(got) == m + 1 and got[0] == 0.0 and got[-1] == T_MAX
         assert all(abs(a - b) < 1e-12 for a, b in zip(got, want)), (m, got, want)
-    assert [round(b, 4) for b in segments.default_boundaries(4, SD)] == [0.0, 0.3273, 1.3746, 1.5423, 1.5645]
+    assert [round(b, 4) for b in segments.default_boundaries(4, SD, "edm")] == [0.0, 0.3273, 1.3746, 1.5423, 1.5645]
 
 
 def test_segment_start_is_the_lower_boundary_of_the_segment_holding_t():
@@ -222,6 +229,9 @@ def test_run_config_records_the_boundaries():
     cfg.loss.segments = 4
     run, _ = resolve_for_run(cfg)
     assert run.loss.segment_boundaries == segments.default_boundaries(4, SD)
+    cfg.loss.segment_spacing = "edm"
+    assert resolve_for_run(cfg)[0].loss.segment_boundaries == segments.default_boundaries(4, SD, "edm")
+    cfg.loss.segment_spacing = "uniform"
     cfg.loss.segment_boundaries = [0, 0.5, 1.0, 1.4, 1.5645]  # typed with 4 decimals: the ends snap
     run, _ = resolve_for_run(cfg)
     assert run.loss.segment_boundaries == [0.0, 0.5, 1.0, 1.4, T_MAX]

@@ -70,7 +70,7 @@ def resolve_for_run(cfg: Config, *, world: int = 1, device: str = "auto", datase
     validate(cfg)
     if cfg.loss.segments > 1:  # a multistep model's checkpoints carry its boundaries (`sample` reads them)
         cfg.loss.segment_boundaries = resolved_boundaries(cfg.loss.segment_boundaries, cfg.loss.segments,
-                                                          cfg.data.sigma_data)
+                                                          cfg.data.sigma_data, cfg.loss.segment_spacing)
     mode, why = effective_jvp_mode(cfg, world)
     if mode != cfg.loss.jvp_mode:
         notes.append(f"loss.jvp_mode={cfg.loss.jvp_mode} runs as {mode}: {why}")

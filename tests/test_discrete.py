@@ -63,14 +63,8 @@ def test_sampled_pairs_follow_the_proposal_and_are_grid_neighbours():
     assert bool(((freq - p).abs() <= 5 * (p * (1 - p) / draws).sqrt() + 1e-12).all())
 
 
-class Smooth(torch.nn.Module):
+class Smooth(Affine):
     """A smooth nonlinear F(x, t) in float64 with a forward-mode AD rule (torch ops only)."""
-
-    def __init__(self, d):
-        super().__init__()
-        g = torch.Generator().manual_seed(3)
-        self.W = torch.nn.Parameter(torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d))
-        self.u = torch.nn.Parameter(torch.randn(d, generator=g, dtype=torch.float64))
 
     def forward(self, x, t, labels=None, guidance=None):
         return torch.tanh(x @ self.W.T + torch.sin(3 * t)[:, None] * self.u) + t[:, None] ** 2

@@ -16,6 +16,7 @@ from scmctl import discrete, losses, trigflow
 from scmctl.config import Config, LossConfig, validate
 from scmctl.errors import UsageError
 from scmctl.training.parallel import effective_jvp_mode
+from scmctl.training.run_config import DISCRETE_BF16_WARNING, resolve_for_run
 from test_losses import Affine
 
 SD = 0.5
@@ -39,15 +40,14 @@ def test_proposal_is_the_normal_mass_of_each_log_sigma_interval(P_mean, P_std, n
     # independent: Simpson's rule on the normal density of log σ over [log σ_{i+1}, log σ_i]
     log_sigma = [math.log(SD * math.tan(float(t))) for t in grid[:-1]] + [P_mean - 12 * P_std]
     dens = lambda y: torch.exp(-0.5 * ((y - P_mean) / P_std) ** 2) / (P_std * math.sqrt(2 * math.pi))  # noqa: E731
-    mass = []
-    for hi, lo in zip(log_sigma[:-1], log_sigma[1:]):
-        y = torch.linspace(lo, hi, 2001, dtype=torch.float64)
-        w = torch.ones(2001, dtype=torch.float64)
-        w[1:-1:2], w[2:-1:2] = 4, 2
-        mass.append(float((w * dens(y)).sum() * (hi - lo) / 6000))
-    mass = torch.tensor(mass, dtype=torch.float64)
+    ls = torch.tensor(log_sigma, dtype=torch.float64)
+    hi, lo = ls[:-1, None], ls[1:, None]
+    y = lo + (hi - lo) * torch.linspace(0, 1, 2001, dtype=torch.float64)
+    w = torch.ones(2001, dtype=torch.float64)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    mass = (w * dens(y)).sum(1) * (hi - lo)[:, 0] / 6000
     assert torch.allclose(p, mass / mass.sum(), rtol=1e-9, atol=1e-13)
-    # the dropped mass above σ_max is tiny for the paper's proposals
+    # the mass above σ_max that is dropped: 6e-5, 6e-4, 2.3% for these three proposals
     assert 1 - float(mass.sum()) < 0.03
 
 
@@ -197,6 +197,23 @@ def test_all_three_forwards_see_one_dropout_mask():
     assert (seen[0] == 0).any()
 
 
+def test_nonfinite_samples_are_masked_and_counted():
+    """A NaN data sample (non-finite x_t) and a NaN teacher output (non-finite x_{t'}) are dropped."""
+    model, x0 = Affine(4), torch.randn(8, 4, dtype=torch.float64) * SD
+    x0[3] = float("nan")
+
+    def teacher(x, t, labels=None):  # non-finite for sample 5 only
+        return torch.where(torch.arange(len(x))[:, None] == 5, float("inf"), x)
+
+    cfg = LossConfig(discrete_steps=32)
+    for tch, masked in ((None, 1), (teacher, 2)):
+        model.zero_grad()
+        out = losses.consistency_loss(model, x0, None, cfg, SD, 0, teacher=tch)
+        out.loss.backward()
+        assert out.stats["masked"] == masked
+        assert torch.isfinite(out.loss) and torch.isfinite(model.W.grad).all()
+
+
 class _NoJvp(torch.autograd.Function):
     """y = x³ with a backward but no forward-mode rule: torch.func.jvp / dual tensors raise."""
 
@@ -237,6 +254,12 @@ def test_config_checks_and_the_recorded_jvp_mode():
     validate(cfg)
     assert effective_jvp_mode(cfg) == ("separate", "loss.discrete_steps > 0: a finite-difference tangent "
                                                    "from two no-grad forwards, no forward-mode AD")
+    cfg.network.resolution, cfg.network.channels, cfg.network.num_classes = 8, 1, 0
+    cfg.train.precision = "bf16"
+    run_cfg, notes = resolve_for_run(cfg)
+    assert run_cfg.loss.jvp_mode == "separate" and DISCRETE_BF16_WARNING in notes
+    cfg.loss.jvp_fp32 = True
+    assert DISCRETE_BF16_WARNING not in resolve_for_run(cfg)[1]
     for method, steps, msg in (("sct", -1, ">= 0"), ("diffusion", 8, "consistency models"),
                                ("sct", 10 ** 6, "float32")):
         cfg.method, cfg.loss.discrete_steps = method, steps

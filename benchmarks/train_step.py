@@ -16,6 +16,7 @@ fp32 tangent, torch.compile as the preset or --set says). Each variant runs in i
     python benchmarks/train_step.py                       # tiny preset, CPU
     python benchmarks/train_step.py --preset cifar10 --batch 128 --device cuda
     python benchmarks/train_step.py --preset imagenet512-s --batch 32 --device cuda   # bf16 preset
+    python benchmarks/train_step.py --methods diffusion,sct,dsct                    # + discrete-time sCT
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def _cpu_peak_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+# discrete-time sCM rows: the method with loss.discrete_steps = --discrete-steps (no jvp)
+DISCRETE = {"dsct": "sct", "dscd": "scd"}
+
+
 def child(args) -> dict:
     import torch
 
@@ -63,7 +68,9 @@ def child(args) -> dict:
     from scmctl.training.run_config import resolve_for_run
 
     torch.set_num_threads(args.threads)
-    cfg = config.resolve(args.preset, args.method, args.set)
+    method = DISCRETE.get(args.method, args.method)
+    discrete = [f"loss.discrete_steps={args.discrete_steps}"] if args.method in DISCRETE else []
+    cfg = config.resolve(args.preset, method, args.set + discrete)
     net_cfg = cfg.network
     net_cfg.resolution = net_cfg.resolution or args.resolution
     net_cfg.channels = net_cfg.channels or 1
@@ -71,7 +78,7 @@ def child(args) -> dict:
     dev = select_device(args.device)
     torch.manual_seed(0)
     teacher = None
-    if args.method == "scd":
+    if method == "scd":
         teacher = build_network(net_cfg, dev).eval().requires_grad_(False)
     cfg, _ = resolve_for_run(cfg, device=args.device)  # as `scmctl train/distill` runs it
     net_cfg = cfg.network
@@ -136,7 +143,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--methods", default="diffusion,sct,scd")
+    ap.add_argument("--methods", default="diffusion,sct,scd",
+                    help="also dsct, dscd: sCT/sCD in discrete time (loss.discrete_steps=--discrete-steps)")
+    ap.add_argument("--discrete-steps", type=int, default=1024)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--mem-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -164,6 +173,9 @@ def main() -> None:
               f"memory {s['mem_bytes'] / max(d['mem_bytes'], 1):.2f}x (target <= 1.3x)")
     if "scd" in results:
         print(f"sCD/diffusion: time {results['scd']['time_s'] / d['time_s']:.2f}x (paper: about 2x)")
+    for m in (m for m in DISCRETE if m in results and DISCRETE[m] in results):
+        print(f"{m}/{DISCRETE[m]}: time {results[m]['time_s'] / results[DISCRETE[m]]['time_s']:.2f}x "
+              f"(finite-difference tangent vs jvp, N = {args.discrete_steps})")
     print(json.dumps({"preset": args.preset, "batch": args.batch, "gpu": d["gpu"], "device": d["device"],
                       "results": {m: {"images_per_s": args.batch / r["time_s"], "time_s": r["time_s"],
                                       "mem_bytes": r["mem_bytes"]} for m, r in results.items()}}))

@@ -145,6 +145,9 @@ class LossConfig:
     segment_boundaries: Optional[list[float]] = None  # M + 1 increasing t from 0 to t_max;
                                           # null = from segment_spacing (filled in when a run starts)
     segment_spacing: str = "uniform"      # uniform in t | edm (EDM's ρ = 7 σ grid)
+    # discrete-time sCM (issue 13, part 3)
+    discrete_steps: int = 0               # N > 0: finite-difference tangent on EDM's ρ=7 grid of N
+                                          # steps (no jvp; scmctl.discrete); 0 = continuous time
 
 
 @dataclass
@@ -489,6 +492,7 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"network.edm_sigma_data ({cfg.network.edm_sigma_data}) must equal "
                          f"data.sigma_data ({cfg.data.sigma_data})")
     _validate_segments(cfg)
+    _validate_discrete(cfg)
     if not 0 < cfg.sample.t_mid < 1.5707963:
         raise UsageError(f"config key 'sample.t_mid' must be in (0, π/2), got {cfg.sample.t_mid}")
 
@@ -503,6 +507,23 @@ def _validate_segments(cfg: Config) -> None:
         problem = boundary_problem(loss.segment_boundaries, loss.segments, cfg.data.sigma_data)
         if problem:
             raise UsageError(f"config key 'loss.segment_boundaries' {problem}")
+
+
+def _validate_discrete(cfg: Config) -> None:
+    """loss.discrete_steps: >= 0, for consistency models, not with multistep segments, a grid float32 can hold."""
+    steps = cfg.loss.discrete_steps
+    if steps < 0:
+        raise UsageError(f"config key 'loss.discrete_steps' must be >= 0 (0 = continuous time), got {steps}")
+    if steps == 0:
+        return
+    if model_kind(cfg.method) != "consistency":
+        raise UsageError(f"loss.discrete_steps applies to consistency models (sct, scd), not to "
+                         f"method {cfg.method}; set loss.discrete_steps=0")
+    if cfg.loss.segments > 1:
+        raise UsageError("loss.discrete_steps > 0 cannot be combined with loss.segments > 1; set one of them")
+    from scmctl.discrete import time_grid
+
+    time_grid(steps, cfg.data.sigma_data)  # neighbouring times must differ in float32
 
 
 # Sizes that must be positive (the >= checks above allow 0 where 0 means "off").

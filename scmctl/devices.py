@@ -25,3 +25,9 @@ def select_device(name: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device '{name}': CUDA is not available on this machine (use cpu or auto)")
     return dev
+
+
+def fork_rng(device: torch.device):
+    """A context that restores the CPU's RNG and, on CUDA, `device`'s RNG on exit: two passes
+    started from it draw the same random numbers (the same dropout mask)."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

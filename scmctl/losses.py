@@ -16,6 +16,10 @@ Multistep (loss.segments = M > 1, Heek et al. 2024; :mod:`scmctl.segments`): f_�
 ODE (s fixed) df⁻/dt = −cos(t−s)(σ_d F⁻ − dx_t/dt) − sin(t−s)(x_t + σ_d dF⁻/dt): the tangent
 above with t − s in the trigonometric factors (and in the jvp's tangents), F still at t.
 
+loss.discrete_steps = N > 0 (discrete-time sCM, App. E): t and a reference time t' < t are
+neighbours on EDM's grid of N steps and the finite difference cos t·(f⁻(x_t, t) − f⁻(x_{t'}, t'))/(t − t')
+replaces the jvp (:mod:`scmctl.discrete`); everything after g is the same.
+
 θ⁻ is the current weights without gradient (no EMA target). The jvp runs under no_grad on the
 unwrapped module; the gradient flows only through the fresh forward F_θ (and w_φ). Both passes see
 the same dropout mask (the RNG state is restored between them) and the same labels.
@@ -31,8 +35,9 @@ from typing import Callable, Optional
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from scmctl import segments, trigflow
+from scmctl import discrete, segments, trigflow
 from scmctl.config import LossConfig
+from scmctl.devices import fork_rng
 from scmctl.trigflow import per_sample
 
 # Bins of t for the per-bin stability diagnostics in stats.jsonl.
@@ -132,12 +137,14 @@ def tangent_warmup(step: int, cfg: LossConfig) -> float:
 
 
 def _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg: LossConfig,
-                         sigma_data: float, s=None):
+                         sigma_data: float, s=None, t_ref: Optional[torch.Tensor] = None):
     """(F_θ with its autograd graph, the float64 tangent g, finite: the samples whose g and F⁻ are
     finite). dual: one forward through `train_net` carries both. separate: the no-grad jvp on the
     unwrapped `net`, then the gradient forward on the same dropout mask (the RNG is forked around
-    the jvp), its non-finite samples' inputs zeroed so no NaN reaches the weight gradients."""
-    if cfg.jvp_mode == "dual":
+    the jvp), its non-finite samples' inputs zeroed so no NaN reaches the weight gradients.
+    t_ref (discrete-time sCM): the finite-difference tangent to the grid time t_ref < t replaces
+    the jvp (:func:`scmctl.discrete.finite_difference_tangent`) and runs as the separate mode."""
+    if cfg.jvp_mode == "dual" and t_ref is None:
         if cfg.nan_masking:  # non-finite inputs would reach the weight gradients through 0·NaN
             ok = per_sample(_all_finite(x_t) & _all_finite(dxdt), x_t)
             x_t = torch.where(ok, x_t, torch.zeros_like(x_t))
@@ -146,8 +153,11 @@ def _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg:
                                          keep_graph=True, s=s)
         g = g.double()
         return F_theta, g, _all_finite(g) & _all_finite(F_theta.detach())
-    with torch.random.fork_rng(devices=[x_t.device] if x_t.device.type == "cuda" else []):
-        F_minus, g = consistency_tangent(net, x_t, t, dxdt, sigma_data, r, labels, guidance, s=s)
+    with fork_rng(x_t.device):
+        if t_ref is None:
+            F_minus, g = consistency_tangent(net, x_t, t, dxdt, sigma_data, r, labels, guidance, s=s)
+        else:
+            F_minus, g = discrete.finite_difference_tangent(net, x_t, t, t_ref, dxdt, sigma_data, r, labels, guidance)
     g = g.double()
     finite = _all_finite(g) & _all_finite(F_minus)
     x_in = x_t / sigma_data
@@ -195,7 +205,10 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
     n, d = x0.shape[0], x0[0].numel()
     # x_t and its direction dx_t/dt: the data's velocity (sCT) or the teacher's (sCD)
     z = torch.randn_like(x0) * sigma_data
-    t = trigflow.sample_time(n, cfg.P_mean, cfg.P_std, sigma_data, device=x0.device)
+    if cfg.discrete_steps:  # (t, t') = neighbours on EDM's grid (discrete-time sCM, App. E)
+        t, t_ref = discrete.sample_time_pair(n, cfg.discrete_steps, cfg.P_mean, cfg.P_std, sigma_data, x0.device)
+    else:
+        t, t_ref = trigflow.sample_time(n, cfg.P_mean, cfg.P_std, sigma_data, device=x0.device), None
     x_t = trigflow.add_noise(x0, z, t)
     if teacher is None:
         dxdt, guidance = trigflow.velocity(x0, z, t), None
@@ -206,7 +219,7 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
 
     # F_θ, the tangent g (Eq. 8 rearranged), and the samples it is finite for
     F_theta, g, finite = _forward_and_tangent(net, train_net, x_t, t, dxdt, r, labels, guidance, cfg, sigma_data,
-                                              s=s)
+                                              s=s, t_ref=t_ref)
     F_minus = F_theta.detach()
     g_rms = g.flatten(1).norm(dim=1) / math.sqrt(d)
     if cfg.nan_masking:  # drop samples whose tangent or F⁻ is not finite

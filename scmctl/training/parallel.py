@@ -89,9 +89,14 @@ def effective_jvp_mode(cfg: Config, world: int = 1) -> tuple[str, str]:
     tangent next to a bf16 gradient forward (loss.jvp_fp32), nor a compiled gradient forward
     (torch.compile does not trace forward-mode AD), and FSDP2's backward hook (a custom autograd
     Function without a jvp) rejects its dual inputs: those run the separate mode, whose tangent
-    pass is under no_grad. DDP passes dual inputs through (tested against one process)."""
+    pass is under no_grad. DDP passes dual inputs through (tested against one process).
+    Discrete-time sCM (loss.discrete_steps > 0) has no jvp: its no-grad forwards are the separate
+    mode's tangent pass."""
     mode = cfg.loss.jvp_mode
     if mode == "dual" and model_kind(cfg.method) == "consistency":
+        if cfg.loss.discrete_steps:
+            return "separate", ("loss.discrete_steps > 0: a finite-difference tangent from two no-grad "
+                                "forwards, no forward-mode AD")
         if world > 1 and cfg.train.parallel == "fsdp":
             return "separate", "FSDP2's backward hooks do not pass forward-mode AD"
         if cfg.train.precision == "bf16" and cfg.loss.jvp_fp32:

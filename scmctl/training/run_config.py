@@ -12,8 +12,9 @@ the run, :func:`resolve_for_run` makes the one copy the run uses, and nothing ed
 - the sCD teacher's model space: the data must be encoded and normalized as the teacher's was;
 - the sCD student's guidance input (a guided teacher, loss.max_guidance > 1, conditional data);
 - a multistep model's segment boundaries (loss.segment_boundaries; null = the default placement);
-- what the hardware setup forces: the effective loss.jvp_mode (:func:`effective_jvp_mode`) and,
-  under train.compile, the attention backend that ``auto`` means.
+- what the hardware setup forces: the effective loss.jvp_mode (:func:`effective_jvp_mode`; the
+  separate mode for discrete-time sCM, loss.discrete_steps > 0, which has no jvp) and, under
+  train.compile, the attention backend that ``auto`` means.
 
 config.yaml and every checkpoint record this config, so a run directory shows what actually ran.
 """
@@ -46,6 +47,11 @@ EDM_TIME_WARNING = (
     "growing announces divergence. The stable road: scmctl train --objective diffusion --init "
     "TEACHER --set network.time_embedding=positional, then distill with --init.")
 
+DISCRETE_BF16_WARNING = (
+    "warning: loss.discrete_steps > 0 under train.precision=bf16 takes the finite difference "
+    "(F⁻(x_t, t) − F⁻(x_t', t'))/(t − t') of bf16 outputs, whose rounding noise is of the order of "
+    "the tangent itself at N ≈ 1000; set loss.jvp_fp32=true to run the two tangent forwards in fp32")
+
 
 def resolve_for_run(cfg: Config, *, world: int = 1, device: str = "auto", dataset=None,
                     source: Optional[dict] = None, teacher: Optional[dict] = None,
@@ -75,6 +81,8 @@ def resolve_for_run(cfg: Config, *, world: int = 1, device: str = "auto", datase
     if mode != cfg.loss.jvp_mode:
         notes.append(f"loss.jvp_mode={cfg.loss.jvp_mode} runs as {mode}: {why}")
         cfg.loss.jvp_mode = mode
+    if cfg.loss.discrete_steps and cfg.train.precision == "bf16" and not cfg.loss.jvp_fp32:
+        notes.append(DISCRETE_BF16_WARNING)
     if cfg.train.compile and cfg.network.attention_backend == "auto":
         # 'auto' probes for xformers on every call: a graph break per attention layer
         from scmctl.attention import resolve_backend

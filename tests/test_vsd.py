@@ -167,35 +167,35 @@ def _stats(run_dir):
 
 def test_avsd_distill_logs_checkpoints_and_resumes_bit_exact(tmp_path, capsys):
     """`scmctl distill --set loss.vsd_weight=1.0`: stats.jsonl has loss_vsd and loss_fake; the
-    checkpoint holds F_φ, w_ψ and their optimizers; 3 + 3 steps equal 6 uninterrupted steps bit for
+    checkpoint holds F_φ, w_ψ and their optimizers; 2 + 2 steps equal 4 uninterrupted steps bit for
     bit (student, EMA, F_φ, w_ψ, all optimizers, stats); a checkpoint without the aVSD entries is
     one UsageError line."""
     teacher = tmp_path / "teacher"
-    assert run(capsys, "train", "--objective", "diffusion", "--run-dir", teacher, *SMALL, "--steps", 2)[0] == 0
+    assert run(capsys, "train", "--objective", "diffusion", "--run-dir", teacher, *SMALL, "--steps", 1)[0] == 0
     args = ["distill", "--teacher", teacher, *SMALL, "--set", "loss.vsd_weight=1.0"]
     full, part = tmp_path / "full", tmp_path / "part"
-    assert run(capsys, *args, "--run-dir", full, "--steps", 6)[0] == 0
-    assert run(capsys, *args, "--run-dir", part, "--steps", 3)[0] == 0
-    assert run(capsys, *args, "--run-dir", part, "--steps", 6)[0] == 0
+    assert run(capsys, *args, "--run-dir", full, "--steps", 4)[0] == 0
+    assert run(capsys, *args, "--run-dir", part, "--steps", 2)[0] == 0
+    assert run(capsys, *args, "--run-dir", part, "--steps", 4)[0] == 0
     stats = _stats(full)
     assert stats == _stats(part)
     assert all(k in r for r in stats for k in ("loss_vsd", "loss_fake", "loss_scd", "grad_norm_fake"))
-    a = torch.load(full / "checkpoint-0000006.pt", weights_only=True)
-    b = torch.load(part / "checkpoint-0000006.pt", weights_only=True)
+    a = torch.load(full / "checkpoint-0000004.pt", weights_only=True)
+    b = torch.load(part / "checkpoint-0000004.pt", weights_only=True)
     for key in ("net", "ema", "vsd_fake", "vsd_weight_head"):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     for key in ("optimizer", "vsd_fake_optimizer", "vsd_weight_head_optimizer"):
         sa, sb = a[key]["state"], b[key]["state"]
         assert sa.keys() == sb.keys() and all(torch.equal(sa[i][m], sb[i][m]) for i in sa for m in sa[i]), key
     # F_φ moved away from the teacher it started from
-    t = torch.load(teacher / "checkpoint-0000002.pt", weights_only=True)["ema"]
+    t = torch.load(teacher / "checkpoint-0000001.pt", weights_only=True)["ema"]
     assert any(not torch.equal(t[k], a["vsd_fake"][k]) for k in t)
 
-    ck = part / "checkpoint-0000006.pt"
+    ck = part / "checkpoint-0000004.pt"
     bad = torch.load(ck, weights_only=True)
     del bad["vsd_fake"]
     torch.save(bad, ck)
     for p in sorted(part.glob("checkpoint-*.pt"))[:-1]:
         p.unlink()
-    code, out, err = run(capsys, *args, "--run-dir", part, "--steps", 8)
+    code, out, err = run(capsys, *args, "--run-dir", part, "--steps", 6)
     assert code == 2 and "Traceback" not in err and "vsd_fake" in err.strip().splitlines()[-1], err

@@ -3,7 +3,8 @@
 Prints images/s and peak memory per step kind, and the ratios to the diffusion step measured in the
 same run (targets: sCT <= 1.5x the diffusion step's time and <= 1.3x its memory; sCD about 2x, as in
 the paper; sCD + aVSD, ``--methods ...,scd_avsd``, is also reported relative to sCD). The step is
-the training loop's own (scmctl.training.loop.build_model: bf16 autocast, fp32 tangent, torch.compile as the preset or --set says). Each variant runs in its own process:
+the training loop's own (scmctl.training.loop.build_model: bf16 autocast, fp32 tangent,
+torch.compile as the preset or --set says). Each variant runs in its own process:
 
 - time: median wall time of --steps steps after --warmup steps (torch.cuda.synchronize on GPU);
 - memory on CUDA: torch.cuda.max_memory_allocated during the timed steps;

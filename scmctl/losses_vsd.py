@@ -37,24 +37,24 @@ def one_step_sample(net, z: torch.Tensor, labels: Optional[torch.Tensor], guidan
 
 
 @torch.no_grad()
-def _evaluated(module, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-    """module(x, t, labels) without gradient and in eval mode (no dropout: F_φ is compared with the
-    eval-mode teacher), the training mode restored afterwards."""
+def _evaluated(forward, module, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """forward(x, t, labels) without gradient with `module` in eval mode (no dropout: F_φ is
+    compared with the eval-mode teacher), its training mode restored afterwards."""
     was = module.training
     module.eval()
     try:
-        return module(x, t, labels)
+        return forward(x, t, labels)
     finally:
         module.train(was)
 
 
-def vsd_loss(student, teacher, fake, weight_head, shape: tuple[int, ...], labels: Optional[torch.Tensor],
-             cfg: LossConfig, sigma_data: float, device) -> tuple[LossOutput, torch.Tensor]:
+def vsd_loss(student, teacher, fake_forward, fake_net, weight_head, shape: tuple[int, ...],
+             labels: Optional[torch.Tensor], cfg: LossConfig, sigma_data: float, device) -> tuple[LossOutput, torch.Tensor]:
     """The aVSD generator term L_VSD of one micro-batch (its mean over samples) and the detached
     samples g⁻ it was computed on (the fake score model's training data).
 
-    `student`: the student's gradient forward; `teacher`: F_pre (eval mode); `fake`: F_φ (the
-    unwrapped module; called without gradient in eval mode); `weight_head`: w_ψ(t). `shape`: the
+    `student`: the student's gradient forward; `teacher`: F_pre (eval mode); `fake_forward`: F_φ's
+    forward, called without gradient with its module `fake_net` in eval mode; `weight_head`: w_ψ(t). `shape`: the
     micro-batch's (n, C, H, W); `labels`: one-hot rows or None. With a guided teacher
     (loss.max_guidance > 1, conditional) s ~ U[1, max_guidance] per sample is the student's
     guidance input and F_pre = F_u + s·(F_c − F_u), as in sCD (:func:`scmctl.losses.teacher_velocity`);
@@ -74,7 +74,7 @@ def vsd_loss(student, teacher, fake, weight_head, shape: tuple[int, ...], labels
     t = trigflow.sample_time(n, cfg.vsd_P_mean, cfg.vsd_P_std, sigma_data, device=device)
     x_t = trigflow.add_noise(g_minus, torch.randn_like(g_minus) * sigma_data, t)
     F_pre = guided_teacher(teacher, x_t / sigma_data, t, labels, guidance)
-    F_fake = _evaluated(fake, x_t / sigma_data, t, labels)
+    F_fake = _evaluated(fake_forward, fake_net, x_t / sigma_data, t, labels)
     ld = torch.promote_types(g.dtype, torch.float32)
     residual = g.to(ld) - g_minus.to(ld) + (F_pre.to(ld) - F_fake.to(ld))
     per = residual.flatten(1).square().sum(dim=1) / d
@@ -100,7 +100,8 @@ def with_vsd(out: LossOutput, student, teacher, fake_forward, fake_net, weight_h
     """sCD + aVSD for one micro-batch: `out` (the sCD loss) + λ_VSD·L_VSD as the student's loss,
     the fake score model's diffusion loss as the auxiliary loss. stats: loss_scd, loss_vsd (L_VSD,
     unweighted by λ), loss_vsd_raw (‖·‖²/D), loss_fake."""
-    vsd, g_minus = vsd_loss(student, teacher, fake_net, weight_head, shape, labels, cfg, sigma_data, device)
+    vsd, g_minus = vsd_loss(student, teacher, fake_forward, fake_net, weight_head, shape, labels, cfg, sigma_data,
+                            device)
     fake = fake_score_loss(fake_forward, fake_net, g_minus, labels, cfg, sigma_data)
     stats = {**out.stats, **vsd.stats, "loss_scd": float(out.loss.detach()),
              "loss_vsd": float(vsd.loss.detach()), "loss_fake": float(fake.loss.detach())}

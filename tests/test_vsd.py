@@ -73,7 +73,7 @@ def test_vsd_gradient_matches_the_closed_form_float64(guided, float64):
     labels = torch.nn.functional.one_hot(torch.arange(N) % K, K).double()
     cfg = LossConfig(max_guidance=3.0 if guided else 1.0)
     torch.manual_seed(7)
-    out, g_minus = losses_vsd.vsd_loss(student, teacher, fake, head, (N, C, H, H), labels, cfg, SD, "cpu")
+    out, g_minus = losses_vsd.vsd_loss(student, teacher, fake, fake, head, (N, C, H, H), labels, cfg, SD, "cpu")
     out.loss.backward()
 
     # the draws, repeated in the order vsd_loss makes them: z', s, t, n

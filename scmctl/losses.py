@@ -38,9 +38,9 @@ T_BINS = (0.0, math.pi / 8, math.pi / 4, 3 * math.pi / 8, math.pi / 2 + 1e-6)
 class LossOutput:
     loss: torch.Tensor                                # scalar to backpropagate
     stats: dict = field(default_factory=dict)         # plain floats for stats.jsonl
-    # a loss of other parameters backpropagated with `loss`, not part of the logged "loss"
-    # (aVSD's fake score model: :mod:`scmctl.losses_vsd`)
-    aux_loss: Optional[torch.Tensor] = None
+    # a loss of other parameters, computed and backpropagated after `loss`'s backward so the two
+    # graphs never coexist; not part of the logged "loss" (aVSD's fake score model: scmctl.losses_vsd)
+    then: Optional[Callable[[], "LossOutput"]] = None
 
 
 def drop_labels(labels: Optional[torch.Tensor], num_classes: int, p: float) -> Optional[torch.Tensor]:

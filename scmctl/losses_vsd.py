@@ -12,6 +12,7 @@ the teacher) learns the distribution of the student's one-step samples. Per micr
 
 The student minimizes the sCD loss + λ_VSD·L_VSD; F_pre and F_φ run without gradient, so L_VSD
 reaches θ only through g_θ (and w_ψ through its head), and L_fake reaches only φ (g⁻ is detached).
+L_fake's graph is built after the student's backward (:attr:`LossOutput.then`).
 """
 
 from __future__ import annotations
@@ -97,12 +98,16 @@ def fake_score_loss(fake_forward, fake_net, g_minus: torch.Tensor, labels: Optio
 
 def with_vsd(out: LossOutput, student, teacher, fake_forward, fake_net, weight_head, shape,
              labels: Optional[torch.Tensor], cfg: LossConfig, sigma_data: float, device) -> LossOutput:
-    """sCD + aVSD for one micro-batch: `out` (the sCD loss) + λ_VSD·L_VSD as the student's loss,
-    the fake score model's diffusion loss as the auxiliary loss. stats: loss_scd, loss_vsd (L_VSD,
-    unweighted by λ), loss_vsd_raw (‖·‖²/D), loss_fake."""
+    """sCD + aVSD for one micro-batch: `out` (the sCD loss) + λ_VSD·L_VSD as the student's loss;
+    its `then` computes the fake score model's diffusion loss on g⁻ (after the student's backward:
+    the two graphs never coexist). stats: loss_scd, loss_vsd (L_VSD, unweighted by λ),
+    loss_vsd_raw (‖·‖²/D), and from `then` loss_fake."""
     vsd, g_minus = vsd_loss(student, teacher, fake_forward, fake_net, weight_head, shape, labels, cfg, sigma_data,
                             device)
-    fake = fake_score_loss(fake_forward, fake_net, g_minus, labels, cfg, sigma_data)
-    stats = {**out.stats, **vsd.stats, "loss_scd": float(out.loss.detach()),
-             "loss_vsd": float(vsd.loss.detach()), "loss_fake": float(fake.loss.detach())}
-    return LossOutput(out.loss + cfg.vsd_weight * vsd.loss, stats, aux_loss=fake.loss)
+
+    def then() -> LossOutput:
+        fake = fake_score_loss(fake_forward, fake_net, g_minus, labels, cfg, sigma_data)
+        return LossOutput(fake.loss, {"loss_fake": float(fake.loss.detach())})
+
+    stats = {**out.stats, **vsd.stats, "loss_scd": float(out.loss.detach()), "loss_vsd": float(vsd.loss.detach())}
+    return LossOutput(out.loss + cfg.vsd_weight * vsd.loss, stats, then=then)

@@ -75,7 +75,9 @@ def train(method, data, steps, teacher=None, hidden=128, depth=3, lr=3e-3, batch
                                       tuple(x0.shape), None, cm, SD, x0.device)
         for opt in opts:
             opt.zero_grad()
-        (out.loss if out.aux_loss is None else out.loss + out.aux_loss).backward()
+        out.loss.backward()
+        if out.then is not None:
+            out.then().loss.backward()
         for opt in opts:
             opt.step()
         with torch.no_grad():

@@ -38,8 +38,8 @@ OBJECTIVES: dict[str, Callable[..., losses.LossOutput]] = {
 
 
 def _with_vsd(cfg: Config, model: Model, out: losses.LossOutput, x0, onehot) -> losses.LossOutput:
-    """sCD + adaptive VSD (loss.vsd_weight > 0): the sCD loss `out` + λ_VSD·L_VSD, and the fake
-    score model's diffusion loss as the auxiliary loss (:func:`scmctl.losses_vsd.with_vsd`)."""
+    """sCD + adaptive VSD (loss.vsd_weight > 0): the sCD loss `out` + λ_VSD·L_VSD, then the fake
+    score model's diffusion loss (:func:`scmctl.losses_vsd.with_vsd`)."""
     return losses_vsd.with_vsd(out, model.grad_forward, model.teacher_forward, model.fake_forward, model.fake,
                                model.vsd_head, tuple(x0.shape), onehot, cfg.loss, cfg.data.sigma_data, x0.device)
 
@@ -63,8 +63,11 @@ def accumulate_gradients(cfg: Config, model: Model, micro_batches: Iterable[tupl
     for k, (x0, onehot, *augment_labels) in enumerate(micro_batches):
         with model.sync(last=k == count - 1):
             out = micro_batch_loss(cfg, model, x0, onehot, step, *augment_labels)
-            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss  # disjoint parameters
-            (loss if count == 1 else loss / count).backward()
+            (out.loss if count == 1 else out.loss / count).backward()
+            if out.then is not None:  # a loss of other parameters (aVSD's F_φ), built after this backward
+                aux = out.then()
+                (aux.loss if count == 1 else aux.loss / count).backward()
+                out.stats.update(aux.stats)
         outs.append(out)
     if len(outs) != count:
         raise ValueError(f"expected {count} micro-batches, got {len(outs)}")

@@ -1,9 +1,10 @@
-"""Training-step throughput and memory of diffusion, sCT and sCD steps of one preset network.
+"""Training-step throughput and memory of diffusion, sCT, sCD and sCD + aVSD steps of one preset network.
 
 Prints images/s and peak memory per step kind, and the ratios to the diffusion step measured in the
 same run (targets: sCT <= 1.5x the diffusion step's time and <= 1.3x its memory; sCD about 2x, as in
-the paper). The step is the training loop's own (scmctl.training.loop.build_model: bf16 autocast,
-fp32 tangent, torch.compile as the preset or --set says). Each variant runs in its own process:
+the paper; sCD + aVSD, ``--methods ...,scd_avsd``, is also reported relative to sCD). The step is
+the training loop's own (scmctl.training.loop.build_model: bf16 autocast, fp32 tangent,
+torch.compile as the preset or --set says). Each variant runs in its own process:
 
 - time: median wall time of --steps steps after --warmup steps (torch.cuda.synchronize on GPU);
 - memory on CUDA: torch.cuda.max_memory_allocated during the timed steps;
@@ -17,6 +18,7 @@ fp32 tangent, torch.compile as the preset or --set says). Each variant runs in i
     python benchmarks/train_step.py --preset cifar10 --batch 128 --device cuda
     python benchmarks/train_step.py --preset imagenet512-s --batch 32 --device cuda   # bf16 preset
     python benchmarks/train_step.py --methods diffusion,sct,dsct                    # + discrete-time sCT
+    python benchmarks/train_step.py --methods diffusion,scd,scd_avsd   # the cost of adaptive VSD
 """
 
 from __future__ import annotations
@@ -64,13 +66,16 @@ def child(args) -> dict:
     from scmctl.distributed import Dist
     from scmctl.devices import select_device
     from scmctl.nn.networks import build_network
+    from scmctl.training.fake_score import FakeScore
     from scmctl.training.loop import build_model, make_optimizer, training_step
     from scmctl.training.run_config import resolve_for_run
 
     torch.set_num_threads(args.threads)
-    method = DISCRETE.get(args.method, args.method)
-    discrete = [f"loss.discrete_steps={args.discrete_steps}"] if args.method in DISCRETE else []
-    cfg = config.resolve(args.preset, method, args.set + discrete)
+    avsd = args.method == "scd_avsd"  # sCD + adaptive VSD: sCD with loss.vsd_weight = 1
+    method = "scd" if avsd else DISCRETE.get(args.method, args.method)
+    extra = [f"loss.discrete_steps={args.discrete_steps}"] if args.method in DISCRETE else []
+    extra += ["loss.vsd_weight=1.0"] if avsd else []
+    cfg = config.resolve(args.preset, method, args.set + extra)
     net_cfg = cfg.network
     net_cfg.resolution = net_cfg.resolution or args.resolution
     net_cfg.channels = net_cfg.channels or 1
@@ -83,8 +88,12 @@ def child(args) -> dict:
     cfg, _ = resolve_for_run(cfg, device=args.device)  # as `scmctl train/distill` runs it
     net_cfg = cfg.network
     net = build_network(net_cfg, dev).train()
-    model = build_model(cfg, net, Dist(device=dev), teacher)
+    fake = FakeScore(cfg, teacher, dev) if avsd else None
+    model = build_model(cfg, net, Dist(device=dev), teacher, fake=fake.net if fake else None,
+                        vsd_head=fake.head if fake else None)
     opt = make_optimizer(cfg, net.parameters())
+    if fake is not None:
+        fake.make_optimizers(cfg, model)
     x0 = torch.randn(args.batch, net_cfg.channels, net_cfg.resolution, net_cfg.resolution, device=dev) * 0.5
     onehot = None
     if net_cfg.num_classes:
@@ -92,7 +101,7 @@ def child(args) -> dict:
                                              net_cfg.num_classes).float()
 
     def step(i):
-        training_step(cfg, net, opt, x0, onehot, 20000 + i, cfg.train.lr, teacher, model=model)
+        training_step(cfg, net, opt, x0, onehot, 20000 + i, cfg.train.lr, teacher, model=model, fake_score=fake)
 
     def sync():
         if dev.type == "cuda":
@@ -176,6 +185,10 @@ def main() -> None:
     for m in (m for m in DISCRETE if m in results and DISCRETE[m] in results):
         print(f"{m}/{DISCRETE[m]}: time {results[m]['time_s'] / results[DISCRETE[m]]['time_s']:.2f}x "
               f"(finite-difference tangent vs jvp, N = {args.discrete_steps})")
+    if "scd" in results and "scd_avsd" in results:
+        a, b = results["scd_avsd"], results["scd"]
+        print(f"sCD + aVSD/sCD: time {a['time_s'] / b['time_s']:.2f}x, memory "
+              f"{a['mem_bytes'] / max(b['mem_bytes'], 1):.2f}x")
     print(json.dumps({"preset": args.preset, "batch": args.batch, "gpu": d["gpu"], "device": d["device"],
                       "results": {m: {"images_per_s": args.batch / r["time_s"], "time_s": r["time_s"],
                                       "mem_bytes": r["mem_bytes"]} for m, r in results.items()}}))

@@ -3,7 +3,10 @@
 A preset is a YAML file with the sections below plus an optional ``methods:`` mapping whose entries
 (``diffusion``, ``sct``, ``scd``) overlay the sections for that training method, because the paper's
 teacher and consistency-model settings differ (learning rate, P_mean/P_std, dropout, EMA, ...).
-Resolution order: dataclass defaults < preset sections < preset ``methods[method]`` < ``--set``.
+A method variant (:data:`METHOD_VARIANTS`, e.g. ``scd_avsd``: sCD with loss.vsd_weight > 0) overlays
+its own ``methods:`` entry on its method's when the config asks for it.
+Resolution order: dataclass defaults < preset sections < preset ``methods[method]`` <
+``methods[variant]`` < ``--set``.
 The resolved config is what ``--dry-run`` prints and what a run directory's ``config.yaml`` holds.
 """
 
@@ -36,6 +39,16 @@ KINDS = ("diffusion", "consistency")
 NETWORK_ARCHS = ("edm2", "ddpmpp", "ncsnpp")   # scmctl.nn.networks.NETWORKS builds each
 # The widest power-function EMA (EDM2 Eq. 123 at γ = 0, the uniform average over training): σ_rel = √(1/12).
 MAX_SIGMA_REL = math.sqrt(1 / 12)
+
+
+# Method variants: a preset's ``methods:`` entry applied over its method's when the config uses it.
+# scd_avsd: sCD + adaptive VSD (Lu & Song 2025, App. C; Table 5: 20k iterations on ImageNet-512).
+METHOD_VARIANTS = {"scd_avsd": ("scd", lambda cfg: cfg.loss.vsd_weight > 0)}
+
+
+def uses_vsd(cfg: "Config") -> bool:
+    """sCD + adaptive VSD: the run trains a fake score model beside the student."""
+    return cfg.method == "scd" and cfg.loss.vsd_weight > 0
 
 
 def model_kind(method: str) -> str:
@@ -148,6 +161,13 @@ class LossConfig:
     # discrete-time sCM (issue 13, part 3)
     discrete_steps: int = 0               # N > 0: finite-difference tangent on EDM's ρ=7 grid of N
                                           # steps (no jvp; scmctl.discrete); 0 = continuous time
+    # sCD + adaptive VSD (issue 13, part 1; Lu & Song 2025, App. C): a fake score model F_φ and the
+    # VSD generator term, both with proposals log(σ_d tan t) ~ N(P_mean, P_std²) of their own
+    vsd_weight: float = 0.0               # λ_VSD; 0 = off (plain sCD); > 0 needs method scd
+    vsd_P_mean: float = 0.4               # the generator term's re-noising proposal
+    vsd_P_std: float = 2.0
+    vsd_fake_P_mean: float = -0.8         # the fake score model's diffusion-loss proposal
+    vsd_fake_P_std: float = 1.6
 
 
 @dataclass
@@ -423,17 +443,28 @@ def resolve(preset: str, method: str, overrides: list[str] = (), **fields: Any) 
         raise UsageError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     raw = load_preset(preset)
     methods = raw.pop("methods", {}) or {}
-    if not isinstance(methods, dict) or any(k not in METHODS for k in methods):
-        raise UsageError(f"preset '{preset}': 'methods' may only have the keys {', '.join(METHODS)}")
-    cfg = Config()
-    _apply(cfg, raw)
-    _apply(cfg, methods.get(method) or {})
-    cfg.method = method
-    for k, v in fields.items():
-        if v is not None:
-            set_key(cfg, k, v)
-    for text in overrides:
-        set_key(cfg, *parse_override(text))
+    keys = METHODS + tuple(METHOD_VARIANTS)
+    if not isinstance(methods, dict) or any(k not in keys for k in methods):
+        raise UsageError(f"preset '{preset}': 'methods' may only have the keys {', '.join(keys)}")
+
+    def build(variants: tuple[str, ...]) -> Config:
+        cfg = Config()
+        _apply(cfg, raw)
+        for name in (method,) + variants:
+            _apply(cfg, methods.get(name) or {})
+        cfg.method = method
+        for k, v in fields.items():
+            if v is not None:
+                set_key(cfg, k, v)
+        for text in overrides:
+            set_key(cfg, *parse_override(text))
+        return cfg
+
+    cfg = build(())
+    # the variants this config turns on, overlaid beneath the keyword fields and --set
+    variants = tuple(v for v, (m, applies) in METHOD_VARIANTS.items() if m == method and applies(cfg))
+    if variants:
+        cfg = build(variants)
     validate(cfg)
     return cfg
 
@@ -480,6 +511,9 @@ def validate(cfg: Config) -> None:
                          f"(power-function EMA widths), got {tc.phema_sigma_rels}")
     if cfg.loss.max_guidance < 1:
         raise UsageError("config key 'loss.max_guidance' must be >= 1")
+    if cfg.loss.vsd_weight > 0 and cfg.method != "scd":
+        raise UsageError(f"loss.vsd_weight > 0 (adaptive VSD) needs a teacher: use scmctl distill "
+                         f"(method scd), not method {cfg.method}, or set loss.vsd_weight=0")
     if tc.batch_per_gpu and tc.batch % tc.batch_per_gpu:
         raise UsageError(f"train.batch ({tc.batch}) must be a multiple of train.batch_per_gpu ({tc.batch_per_gpu})")
     if len(cfg.data.latent_mean) != len(cfg.data.latent_std):
@@ -503,6 +537,8 @@ def _validate_segments(cfg: Config) -> None:
         raise UsageError(f"config key 'loss.segments' must be >= 1, got {loss.segments}")
     if loss.segments > 1 and cfg.method == "diffusion":
         raise UsageError("loss.segments > 1 (multistep consistency) applies to sct/scd, not to a diffusion model")
+    if loss.segments > 1 and loss.vsd_weight > 0:  # the VSD term's generator is the one-step f_θ(z, t_max)
+        raise UsageError("loss.vsd_weight > 0 (adaptive VSD) cannot be combined with loss.segments > 1; set one of them")
     if loss.segment_boundaries is not None:
         problem = boundary_problem(loss.segment_boundaries, loss.segments, cfg.data.sigma_data)
         if problem:
@@ -548,7 +584,7 @@ def validate_numbers(cfg: Config) -> None:
             raise UsageError(f"config key '{key}' must be > 0, got {val}")
     for key in ("network.attn_resolutions", "train.lr_ref_steps", "train.lr_rampup_images", "train.grad_clip",
                 "train.ema_sigma_rel", "train.ema_halflife_images", "train.seed", "train.grid_every",
-                "train.keep_checkpoints", "loss.tangent_warmup_steps", "loss.tangent_norm_c",
+                "train.keep_checkpoints", "loss.tangent_warmup_steps", "loss.tangent_norm_c", "loss.vsd_weight",
                 "network.dropout_max_resolution", "network.time_embedding_scale", "network.num_classes"):
         val = flat[key]
         if any(v is not None and v < 0 for v in (val if isinstance(val, list) else [val])):
@@ -556,8 +592,9 @@ def validate_numbers(cfg: Config) -> None:
     betas = cfg.train.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise UsageError(f"config key 'train.betas' must be two numbers in [0, 1), got {betas}")
-    if cfg.loss.P_std <= 0:
-        raise UsageError(f"config key 'loss.P_std' must be > 0, got {cfg.loss.P_std}")
+    for key in ("loss.P_std", "loss.vsd_P_std", "loss.vsd_fake_P_std"):
+        if flat[key] <= 0:
+            raise UsageError(f"config key '{key}' must be > 0, got {flat[key]}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.train.device):
         raise UsageError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got '{cfg.train.device}'")
 

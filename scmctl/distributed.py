@@ -119,6 +119,18 @@ def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Replace each tensor by its mean over all ranks, in place (one all-reduce per tensor)."""
+    import torch.distributed as dist
+
+    if not _active():
+        return
+    world = dist.get_world_size()
+    for t in tensors:
+        dist.all_reduce(t)
+        t.div_(world)
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is True on at least one (one all-reduce): all processes
     stop at the same step when only some of them received SIGTERM."""

@@ -48,6 +48,9 @@ T_BINS = (0.0, math.pi / 8, math.pi / 4, 3 * math.pi / 8, math.pi / 2 + 1e-6)
 class LossOutput:
     loss: torch.Tensor                                # scalar to backpropagate
     stats: dict = field(default_factory=dict)         # plain floats for stats.jsonl
+    # a loss of other parameters, computed and backpropagated after `loss`'s backward so the two
+    # graphs never coexist; not part of the logged "loss" (aVSD's fake score model: scmctl.losses_vsd)
+    then: Optional[Callable[[], "LossOutput"]] = None
 
 
 def drop_labels(labels: Optional[torch.Tensor], num_classes: int, p: float) -> Optional[torch.Tensor]:
@@ -116,18 +119,33 @@ def consistency_tangent(net, x_t: torch.Tensor, t: torch.Tensor, dxdt: torch.Ten
     return F, g
 
 
+def guidance_scales(n: int, labels: Optional[torch.Tensor], cfg: LossConfig, device) -> Optional[torch.Tensor]:
+    """sCD with a guided teacher (loss.max_guidance > 1, conditional): s ~ U[1, max_guidance] per
+    sample (the student gets s as its input); else None."""
+    if cfg.max_guidance > 1 and labels is not None:
+        return 1 + torch.rand(n, device=device) * (cfg.max_guidance - 1)
+    return None
+
+
+@torch.no_grad()
+def guided_teacher(teacher, x: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
+                   guidance: Optional[torch.Tensor]) -> torch.Tensor:
+    """F_teacher(x, t) (x = x_t/σ_d), with guidance scales s: F_u + s·(F_c − F_u)
+    (classifier-free guidance)."""
+    F = teacher(x, t, labels)
+    if guidance is not None:
+        F_u = teacher(x, t, torch.zeros_like(labels))
+        F = F_u + per_sample(guidance, F_u) * (F - F_u)
+    return F
+
+
 def teacher_velocity(teacher, x_t: torch.Tensor, t: torch.Tensor, labels: Optional[torch.Tensor],
                      cfg: LossConfig, sigma_data: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """sCD: (dx_t/dt = σ_d·F_teacher(x_t/σ_d, t), the guidance scales s or None). With a guided
     teacher (loss.max_guidance > 1, conditional) s ~ U[1, max_guidance] per sample and
     F_teacher = F_u + s·(F_c − F_u) (classifier-free guidance; the student gets s as its input)."""
-    guidance = None
-    with torch.no_grad():
-        F = teacher(x_t / sigma_data, t, labels)
-        if cfg.max_guidance > 1 and labels is not None:
-            guidance = 1 + torch.rand(x_t.shape[0], device=x_t.device) * (cfg.max_guidance - 1)
-            F_u = teacher(x_t / sigma_data, t, torch.zeros_like(labels))
-            F = F_u + per_sample(guidance, F_u) * (F - F_u)
+    guidance = guidance_scales(x_t.shape[0], labels, cfg, x_t.device)
+    F = guided_teacher(teacher, x_t / sigma_data, t, labels, guidance)
     return sigma_data * F.to(x_t.dtype), guidance
 
 

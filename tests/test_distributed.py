@@ -206,6 +206,37 @@ def test_ddp_separate_mode_then_fsdp2_resume_match_one_process(tmp_path, capsys)
         assert a["step"] == b["step"] and abs(a["loss"] - b["loss"]) < 1e-5
 
 
+def test_avsd_ddp_then_fsdp2_resume_match_one_process(tmp_path, capsys):
+    """sCD + adaptive VSD: the fake score model F_φ wrapped by DDP like the student (two gradient
+    forwards of the student through its wrapper: the sCD and the one-step sample), w_ψ's gradients
+    averaged by hand, the cross-rank gradient check on; then FSDP2 (F_φ sharded like the student)
+    resumes that checkpoint. Student, EMA, F_φ, w_ψ and all three optimizers equal 1 process
+    accumulating the same 2 micro-batches per step within TOL."""
+    teacher = tmp_path / "teacher"
+    _scmctl1(capsys, "train", "--objective", "diffusion", *SMALL, "--steps", 1, "--run-dir", teacher)
+    common = [*SMALL, "--teacher", teacher, "--set", "loss.vsd_weight=1.0", "--set", "train.checkpoint_every=2",
+              "--set", "train.batch_per_gpu=4"]
+    one = tmp_path / "one"
+    _scmctl1(capsys, "distill", *common, "--steps", 4, "--run-dir", one)
+    run = tmp_path / "run"
+    r = _scmctl2("distill", *common, "--steps", 2, "--set", "train.check_grads_every=1", "--run-dir", run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r2 = _scmctl2("distill", *common, "--steps", 4, "--set", "train.parallel=fsdp", "--run-dir", run)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    for step in (2, 4):  # 2: DDP, 4: FSDP2
+        a, b = _ckpt(run, step), _ckpt(one, step)
+        _assert_same_checkpoint(a, b, tol=TOL)
+        for key in ("vsd_fake", "vsd_weight_head"):
+            assert _max_diff(a[key], b[key]) < TOL, key
+        for key in ("vsd_fake_optimizer", "vsd_weight_head_optimizer"):
+            sa, sb = a[key]["state"], b[key]["state"]
+            assert sa.keys() == sb.keys() and all(_max_diff(sa[i], sb[i]) < TOL for i in sa), key
+    for a, b in zip(_stats(run), _stats(one)):
+        assert a["step"] == b["step"]
+        for k in ("loss", "loss_vsd", "loss_fake"):
+            assert abs(a[k] - b[k]) < 1e-5, k
+
+
 def test_gradient_check_raises_when_ranks_disagree(monkeypatch, tiny_net_cfg):
     """The comparison half of train.check_grads_every (the all-gather itself runs in the DDP
     test above): equal fingerprints pass, a 1e-3 change in one gradient entry raises."""

@@ -17,8 +17,9 @@ import math
 import pytest
 import torch
 
-from scmctl import losses, sampling, segments
+from scmctl import losses, losses_vsd, sampling, segments
 from scmctl.config import LossConfig
+from scmctl.nn.layers import TimeEmbedding
 from scmctl.nn.toy import ToyMLP
 
 SD = 0.5
@@ -46,24 +47,39 @@ def swd(a, b, nproj=256):
 
 def train(method, data, steps, teacher=None, hidden=128, depth=3, lr=3e-3, batch=512, **loss):
     """The same Algorithm-1 loss the CLI trains with, on a small MLP; EMA weights returned.
-    `loss`: more LossConfig fields of the consistency loss (e.g. segments=4)."""
+    `loss`: more LossConfig fields of the consistency loss (e.g. segments=4). vsd_weight > 0 (sCD): + adaptive VSD with a fake score model copied from the teacher and a
+    weighting head w_ψ, each with its own Adam at the same learning rate (as the CLI's loop)."""
+    vsd_weight = loss.get("vsd_weight", 0.0)
     torch.manual_seed(0)
     net = ToyMLP(hidden=hidden, depth=depth)
     ema = copy.deepcopy(net)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.99))
+    params = [list(net.parameters())]
     cm = LossConfig(P_mean=-1.0, P_std=1.4, tangent_warmup_steps=500, **loss)
     dm = LossConfig(P_mean=-0.8, P_std=1.6, adaptive_weighting=False)
+    if vsd_weight > 0:
+        fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        head = torch.nn.Sequential(TimeEmbedding(32), torch.nn.Linear(32, 1))
+        params += [list(fake.parameters()), list(head.parameters())]
+    opts = [torch.optim.Adam(p, lr=lr, betas=(0.9, 0.99)) for p in params]
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr / math.sqrt(max(step / 500, 1))
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = lr / math.sqrt(max(step / 500, 1))
         x0 = data(batch)
         if method == "diffusion":
             out = losses.diffusion_loss(net, x0, None, dm, SD)
         else:
             out = losses.consistency_loss(net, x0, None, cm, SD, step, teacher=teacher)
-        opt.zero_grad()
+        if vsd_weight > 0:
+            out = losses_vsd.with_vsd(out, net, teacher, fake, fake, lambda t: head(t).reshape(-1),
+                                      tuple(x0.shape), None, cm, SD, x0.device)
+        for opt in opts:
+            opt.zero_grad()
         out.loss.backward()
-        opt.step()
+        if out.then is not None:
+            out.then().loss.backward()
+        for opt in opts:
+            opt.step()
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 0.005)
@@ -133,6 +149,21 @@ def test_multistep_scd_four_steps_beat_one(grid_teacher):
     assert swd_of[4] < 0.05
     assert swd_of[4] < 0.5 * swd_of[1]
     assert swd_of[4] < swd_of[2] < swd_of[1]
+
+
+def test_scd_with_adaptive_vsd_is_not_worse_than_scd(grid_teacher):
+    """sCD + aVSD (λ_VSD = 0.1) against sCD from the same teacher, seed and number of steps (1000):
+    the 1-step samples' distance to the grid. On this 2-D toy aVSD is a tie, not a gain, and larger
+    weights diverge (side runs of this setup, 1-step SWD after 1000 steps: λ 0.3: 0.208; λ 1: 0.37
+    with a 1000-step teacher; λ 0.1 with the student started from the teacher's weights: 2.26, where
+    sCD alone reaches 0.045); the paper's gain is on ImageNet-512 (Table 6)."""
+    teacher = grid_teacher
+    scd = quality(train("scd", grid, 1000, teacher=teacher), "consistency", grid, 1)
+    avsd = quality(train("scd", grid, 1000, teacher=teacher, vsd_weight=0.1), "consistency", grid, 1)
+    print(f"grid 1-step SWD after 1000 steps: sCD {scd:.4f}, sCD + aVSD (λ 0.1) {avsd:.4f}")
+    # Observed (1 thread): sCD 0.0326, sCD + aVSD 0.0315 (0.966x). Margin: aVSD within 1.1x of sCD
+    # and under 0.045 (an untrained student is at ≈0.45).
+    assert avsd < 1.1 * scd and avsd < 0.045
 
 
 def test_two_steps_beat_one_on_digits(tmp_path):

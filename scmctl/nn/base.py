@@ -39,8 +39,9 @@ def class_input(labels: torch.Tensor | None, n: int, num_classes: int, device) -
     return labels.float()
 
 
-class ImageNetwork(nn.Module):
-    """Base class: the adaptive-weighting head, forced weight normalization and the FSDP units."""
+class AdaptiveWeighting(nn.Module):
+    """The adaptive-weighting head and the noise conditioning it sees; the base of every image
+    network (its w_φ) and, alone, aVSD's w_ψ (:class:`AdaptiveWeightHead`)."""
 
     def init_weight_head(self, cfg: NetworkConfig) -> None:
         """w_φ(t): a positional/Fourier embedding of t and one magnitude-preserving linear layer to a
@@ -68,6 +69,23 @@ class ImageNetwork(nn.Module):
         for m in self.modules():
             if isinstance(m, MPConv):
                 m.renormalize_()
+
+
+class AdaptiveWeightHead(AdaptiveWeighting):
+    """A stand-alone adaptive-weighting head w(t) with a network's embedding settings: aVSD's w_ψ
+    (Lu & Song 2025, App. C), which weights the VSD term as w_φ weights the sCM loss."""
+
+    def __init__(self, cfg: NetworkConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.init_weight_head(cfg)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.adaptive_weight(t)
+
+
+class ImageNetwork(AdaptiveWeighting):
+    """Base class: the adaptive-weighting head, forced weight normalization and the FSDP units."""
 
     def blocks(self) -> list[nn.Module]:
         """The encoder and decoder blocks, each its own FSDP2 shard group."""

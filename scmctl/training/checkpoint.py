@@ -4,6 +4,8 @@ A checkpoint is a `torch.save`d dict of tensors and plain Python values:
     {"format": "scmctl-checkpoint", "version": 1, "kind": "consistency" | "diffusion",
      "step": int, "config": dict, "net": state_dict, "ema": state_dict,
      "optimizer": state_dict, "rng": {...}}
+sCD + aVSD runs add "vsd_fake", "vsd_fake_optimizer", "vsd_weight_head", "vsd_weight_head_optimizer"
+(:data:`VSD_KEYS`).
 A post-hoc EMA (``scmctl ema``, :mod:`scmctl.training.phema`) has "ema" but no "net" and no
 "optimizer", plus "posthoc_ema" (σ_rel, snapshots and their coefficients).
 It is loaded with ``torch.load(weights_only=True)``: a file that carries any other pickled object
@@ -108,6 +110,8 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap
 
 
 KINDS = ("consistency", "diffusion")
+# sCD + aVSD (scmctl.losses_vsd): the fake score model, the weighting head w_ψ and their optimizers
+VSD_KEYS = ("vsd_fake", "vsd_fake_optimizer", "vsd_weight_head", "vsd_weight_head_optimizer")
 REQUIRED = {"kind": str, "step": int, "config": dict, "net": dict, "ema": dict}
 
 
@@ -125,7 +129,10 @@ def check_contents(ckpt: dict, where: str | os.PathLike) -> None:
         raise UsageError(f"{where}: unknown checkpoint kind '{ckpt['kind'][:40]}' (expected {' or '.join(KINDS)})")
     if ckpt["step"] < 0:
         raise UsageError(f"{where}: checkpoint step {ckpt['step']} is negative")
-    for part in ("net", "ema"):
+    for key in VSD_KEYS:
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            raise UsageError(f"{where}: checkpoint entry '{key}' is a {type(ckpt[key]).__name__}, not a dict")
+    for part in ("net", "ema", "vsd_fake", "vsd_weight_head"):
         for name, value in ckpt.get(part, {}).items():
             if not isinstance(value, torch.Tensor):
                 raise UsageError(f"{where}: '{part}' entry {name} is not a tensor")

@@ -26,13 +26,14 @@ from typing import Optional
 import torch
 
 from scmctl import distributed, progress
-from scmctl.config import Config
+from scmctl.config import Config, uses_vsd
 from scmctl.devices import select_device
 from scmctl.nn.networks import build_network
 from scmctl.nn.base import ImageNetwork
 from scmctl.training import checkpoint as ckpt_io
 from scmctl.training.batches import micro_batches
 from scmctl.training.ema import EMA
+from scmctl.training.fake_score import FakeScore
 from scmctl.training.phema import PowerEMAs
 from scmctl.training.optim import apply_update, learning_rate, make_optimizer
 from scmctl.training.parallel import (FullState, batch_layout, build_model, check_gradients_agree,  # noqa: F401
@@ -80,8 +81,13 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[ImageNetwork] =
         ckpt_io.load_state(ema.net, state["ema"], state["path"])
         phemas.resume(state)
     start = int(state["step"]) if state is not None else 0
-    model = build_model(cfg, net, dist, teacher.to(device) if teacher is not None else None, ema, phemas.emas)
+    teacher = teacher.to(device) if teacher is not None else None
+    fake = FakeScore(cfg, teacher, device, state) if uses_vsd(cfg) else None  # sCD + aVSD: F_φ and w_ψ
+    model = build_model(cfg, net, dist, teacher, ema, phemas.emas, fake=fake.net if fake else None,
+                        vsd_head=fake.head if fake else None)
     opt = make_optimizer(cfg, net.parameters())
+    if fake is not None:
+        fake.make_optimizers(cfg, model, state)
     if state is not None:
         load_optimizer(model, opt, state["optimizer"])
         del state
@@ -97,12 +103,15 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[ImageNetwork] =
                 # one optimizer step over this process's micro-batches
                 lr = learning_rate(cfg, step)
                 opt.zero_grad(set_to_none=True)
+                if fake is not None:
+                    fake.zero_grad()
                 outs = accumulate_gradients(cfg, model, micro_batches(cfg, dataset, layout, dist.rank, step, device),
                                             layout.accum, step)
                 done = step + 1
                 if checks_gradients(cfg, model, dist, done):
                     check_gradients_agree(model.net.parameters(), done)
                 grad_norm, skipped = apply_update(cfg, model, opt, lr)
+                fake_stats = fake.update(cfg, lr, dist.world) if fake is not None else {}
                 ema.update(net, done)
                 phemas.update(net, done)
                 imgs_since += tc.batch
@@ -117,7 +126,7 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[ImageNetwork] =
                         rec = combine_stats([r for part in everyone for r in part])
                         rec = {"step": done, "loss": rec.pop("loss"), "lr": lr, "grad_norm": float(grad_norm),
                                "skipped": int(skipped), "images_per_s": imgs_since / max(now - t_last, 1e-9),
-                               "kimg": done * tc.batch / 1000, **rec}
+                               "kimg": done * tc.batch / 1000, **fake_stats, **rec}
                         stats.write(rec)
                         t_last, imgs_since = now, 0
                         info = f"loss {rec['loss']:.4f}"
@@ -129,7 +138,7 @@ def train(cfg: Config, run_dir: Path, dataset, teacher: Optional[ImageNetwork] =
                 want_grid = tc.grid_every > 0 and (done % tc.grid_every == 0 or done == tc.steps)
                 want_snapshot = phemas.snapshot_due(cfg, done)
                 if want_ckpt or want_grid or want_snapshot:
-                    full = FullState(model, ema, opt, dist, phemas.emas)
+                    full = FullState(model, ema, opt, dist, phemas.emas, fake)
                     if want_snapshot:
                         run.save_phema_snapshots(cfg, done, full)
                     if want_ckpt:

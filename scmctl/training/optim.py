@@ -33,14 +33,20 @@ def apply_update(cfg: Config, model, opt: torch.optim.Optimizer, lr: float) -> t
     """Clip, step (unless the gradient norm is not finite), renormalize the weights (EDM2's forced
     weight normalization). `model`: a :class:`~scmctl.training.parallel.Model`.
     Returns (gradient norm, skipped)."""
+    return step_network(cfg, model.net, opt, lr)
+
+
+def step_network(cfg: Config, net, opt: torch.optim.Optimizer, lr: float) -> tuple[torch.Tensor, bool]:
+    """:func:`apply_update` for one module `net` (parameters(), renormalize_()) and its optimizer:
+    the student, aVSD's fake score model or its weighting head."""
     for g in opt.param_groups:
         g["lr"] = lr
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.net.parameters(), clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, the same on every process
         grad_norm = grad_norm.full_tensor()
     skipped = not bool(torch.isfinite(grad_norm))
     if not skipped:
         opt.step()
-        model.net.renormalize_()
+        net.renormalize_()
     return grad_norm, skipped

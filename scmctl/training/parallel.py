@@ -135,6 +135,10 @@ class Model:
     DDP, torch.compile and bf16 autocast as configured). jvp_forward: the sCM tangent pass (the
     unwrapped, uncompiled module; fp32 with loss.jvp_fp32). teacher_forward: the sCD teacher.
     param_names/param_shapes: net's parameters as checkpoints hold them (before FSDP2 reshaping).
+    sCD + aVSD (:mod:`scmctl.losses_vsd`): fake, the fake score model F_φ (its optimizer's module,
+    wrapped and sharded like net), fake_forward its gradient forward, fake_ddp its DDP wrapper,
+    fake_names/fake_shapes its parameters as checkpoints hold them; vsd_head, the weighting head
+    w_ψ (never wrapped: its gradients are averaged over processes by the update).
     """
     net: ImageNetwork
     grad_forward: Callable
@@ -144,10 +148,27 @@ class Model:
     fsdp: bool = False
     param_names: list[str] = field(default_factory=list)
     param_shapes: dict = field(default_factory=dict)
+    fake: Optional[ImageNetwork] = None
+    fake_forward: Optional[Callable] = None
+    vsd_head: Optional[torch.nn.Module] = None
+    fake_ddp: Optional[torch.nn.Module] = None
+    fake_names: list[str] = field(default_factory=list)
+    fake_shapes: dict = field(default_factory=dict)
 
     def sync(self, last: bool):
         """DDP gradient all-reduce only on the last micro-batch of a step (`no_sync` before)."""
-        return self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if not last:
+            for ddp in (self.ddp, self.fake_ddp):
+                if ddp is not None:
+                    stack.enter_context(ddp.no_sync())
+        return stack
+
+    def layout(self, part: str) -> tuple[torch.nn.Module, list[str], dict]:
+        """(module, parameter names, shapes) of 'net' or 'fake' (the fake score model)."""
+        if part == "fake":
+            return self.fake, self.fake_names, self.fake_shapes
+        return self.net, self.param_names, self.param_shapes
 
     def with_augment_labels(self, augment_labels: Optional[torch.Tensor]) -> "Model":
         """This model with every forward (gradient, tangent, teacher) given `augment_labels`, the
@@ -179,9 +200,12 @@ def _parameter_layout(net: ImageNetwork) -> tuple[list[str], dict]:
             {n: tuple(p.shape) for n, p in net.named_parameters()})
 
 
-def plain_model(net: ImageNetwork, teacher: Optional[ImageNetwork] = None) -> Model:
+def plain_model(net: ImageNetwork, teacher: Optional[ImageNetwork] = None, fake: Optional[ImageNetwork] = None,
+                vsd_head: Optional[torch.nn.Module] = None) -> Model:
     """One process, fp32, eager: every forward is the network itself."""
-    return Model(net, net, net, teacher, None, False, *_parameter_layout(net))
+    fake_layout = _parameter_layout(fake) if fake is not None else ([], {})
+    return Model(net, net, net, teacher, None, False, *_parameter_layout(net),
+                 fake, fake, vsd_head, None, *fake_layout)
 
 
 def _autocast_factory(device: torch.device, precision: str) -> Optional[Callable]:
@@ -191,9 +215,11 @@ def _autocast_factory(device: torch.device, precision: str) -> Optional[Callable
 
 
 def build_model(cfg: Config, net: ImageNetwork, dist: distributed.Dist, teacher: Optional[ImageNetwork] = None,
-                ema: Optional[EMA] = None, phemas: Sequence[EMA] = ()) -> Model:
+                ema: Optional[EMA] = None, phemas: Sequence[EMA] = (), fake: Optional[ImageNetwork] = None,
+                vsd_head: Optional[torch.nn.Module] = None) -> Model:
     """Wrap `net` for `cfg.train` (parallel, precision, compile); with FSDP also shard `ema.net`
-    and the post-hoc EMA profiles' networks (`phemas`).
+    and the post-hoc EMA profiles' networks (`phemas`). aVSD's fake score model `fake` is wrapped
+    (DDP) or sharded (FSDP2) like `net`, under the same autocast, never compiled.
     `cfg` is the run's config (its loss.jvp_mode is the effective one)."""
     tc = cfg.train
     mode, why = effective_jvp_mode(cfg, dist.world)
@@ -201,30 +227,39 @@ def build_model(cfg: Config, net: ImageNetwork, dist: distributed.Dist, teacher:
         raise ValueError(f"loss.jvp_mode={cfg.loss.jvp_mode} cannot run here ({why}); build the "
                          "model from the run's config (scmctl.training.run_config.resolve_for_run)")
     names, shapes = _parameter_layout(net)
+    fake_names, fake_shapes = _parameter_layout(fake) if fake is not None else ([], {})
     if dist.world == 1 and tc.precision == "fp32" and not tc.compile:
-        return plain_model(net, teacher)  # the single-process path: no wrapper at all
-    ddp, fsdp = None, False
-    module = net
+        return plain_model(net, teacher, fake, vsd_head)  # the single-process path: no wrapper at all
+    ddp, fake_ddp, fsdp = None, None, False
+    module, fake_module = net, fake
     if dist.world > 1 and tc.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if not cfg.loss.adaptive_weighting:  # unused head: DDP would wait for its gradients forever
-            net.weight_linear.requires_grad_(False)
-        ddp = module = DDP(net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                           **_no_buffer_sync())
+        def wrap(m):
+            if not cfg.loss.adaptive_weighting:  # unused head: DDP would wait for its gradients forever
+                m.weight_linear.requires_grad_(False)
+            return DDP(m, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                       **_no_buffer_sync())
+        ddp = module = wrap(net)
+        if fake is not None:
+            fake_ddp = fake_module = wrap(fake)
     elif dist.world > 1 and tc.parallel == "fsdp":
         mesh = _device_mesh(dist)
         shard_network(net, mesh)
         for e in ([ema] if ema is not None else []) + list(phemas):
             shard_network(e.net, mesh, forward_methods=())
+        if fake is not None:
+            shard_network(fake, mesh)
         fsdp = True
     if tc.compile:
         module = torch.compile(module)
     autocast = _autocast_factory(dist.device, tc.precision)
     jvp_autocast = None if cfg.loss.jvp_fp32 else autocast
     teacher_forward = _Forward(teacher, teacher, jvp_autocast) if teacher is not None else None
+    fake_forward = _Forward(fake_module, fake, autocast) if fake is not None else None
     return Model(net, _Forward(module, net, autocast), _Forward(net, net, jvp_autocast),
-                 teacher_forward, ddp, fsdp, names, shapes)
+                 teacher_forward, ddp, fsdp, names, shapes, fake, fake_forward, vsd_head, fake_ddp,
+                 fake_names, fake_shapes)
 
 
 def _no_buffer_sync() -> dict:
@@ -267,17 +302,19 @@ def shard_network(net: ImageNetwork, mesh, forward_methods: Sequence[str] = ("ad
 
 # ------------------------------------------------------------- state across the wrappers -------
 
-def load_optimizer(model: Model, opt: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer(model: Model, opt: torch.optim.Optimizer, state: dict, part: str = "net") -> None:
     """A checkpoint's optimizer state (single-process format, parameters numbered in
-    named_parameters() order) into `opt`; FSDP2 shards it from the full state."""
+    named_parameters() order) into `opt`, the optimizer of `part` ('net' or 'fake',
+    :meth:`Model.layout`); FSDP2 shards it from the full state."""
     if not model.fsdp:
         opt.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    by_name = ckpt_io.optimizer_state_by_name(state, model.param_names)
-    _reshape_scalar_state(by_name["state"], model.param_shapes, to_checkpoint=False)
-    set_optimizer_state_dict(model.net, opt, by_name, options=StateDictOptions(full_state_dict=True))
+    module, names, shapes = model.layout(part)
+    by_name = ckpt_io.optimizer_state_by_name(state, names)
+    _reshape_scalar_state(by_name["state"], shapes, to_checkpoint=False)
+    set_optimizer_state_dict(module, opt, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def _reshape_scalar_state(state_by_name: dict, shapes: dict, to_checkpoint: bool) -> None:
@@ -294,8 +331,9 @@ class FullState:
     when a checkpoint or grid needs them (under FSDP2 a collective: every process takes part)."""
 
     def __init__(self, model: Model, ema: EMA, opt: torch.optim.Optimizer, dist: distributed.Dist,
-                 phemas: Sequence[EMA] = ()):
+                 phemas: Sequence[EMA] = (), fake_score=None):
         self.model, self.ema, self.opt, self.phemas = model, ema, opt, list(phemas)
+        self.fake_score = fake_score  # aVSD: a scmctl.training.fake_score.FakeScore, or None
         self.main = dist.is_main
         self._cache: dict = {}
 
@@ -304,13 +342,13 @@ class FullState:
 
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    def _model_state(self, module) -> dict:
+    def _model_state(self, module, part: str = "net") -> dict:
         if not self.model.fsdp:
             return module.state_dict()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         sd = get_model_state_dict(module, options=self._options())
-        shapes = self.model.param_shapes
+        shapes = self.model.layout(part)[2]
         return {k: (v.reshape(()) if shapes.get(k) == () else v) for k, v in sd.items()}
 
     def net(self) -> dict:
@@ -330,15 +368,32 @@ class FullState:
         return self._cache["phema"]
 
     def optimizer(self) -> dict:
+        return self._optimizer_state(self.opt, "net")
+
+    def _optimizer_state(self, opt: torch.optim.Optimizer, part: str) -> dict:
         if not self.model.fsdp:
-            return self.opt.state_dict()
+            return opt.state_dict()
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        osd = get_optimizer_state_dict(self.model.net, self.opt, options=self._options())
+        module, names, shapes = self.model.layout(part)
+        osd = get_optimizer_state_dict(module, opt, options=self._options())
         if not self.main:
             return {}
-        _reshape_scalar_state(osd["state"], self.model.param_shapes, to_checkpoint=True)
-        return ckpt_io.optimizer_state_by_index(osd, self.model.param_names)
+        _reshape_scalar_state(osd["state"], shapes, to_checkpoint=True)
+        return ckpt_io.optimizer_state_by_index(osd, names)
+
+    def vsd_states(self) -> dict:
+        """aVSD's checkpoint entries (:data:`scmctl.training.checkpoint.VSD_KEYS`): the fake score
+        model, its optimizer, the weighting head w_ψ and its optimizer; {} without aVSD."""
+        fs = self.fake_score
+        if fs is None:
+            return {}
+        if "vsd" not in self._cache:
+            self._cache["vsd"] = {"vsd_fake": self._model_state(self.model.fake, "fake"),
+                                  "vsd_fake_optimizer": self._optimizer_state(fs.opt, "fake"),
+                                  "vsd_weight_head": fs.head.state_dict(),
+                                  "vsd_weight_head_optimizer": fs.head_opt.state_dict()}
+        return self._cache["vsd"]
 
     def ema_network(self, cfg: Config, device) -> Optional[ImageNetwork]:
         """The EMA weights as a plain eval-mode network on rank 0 (under FSDP2 a full copy built

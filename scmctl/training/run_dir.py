@@ -150,6 +150,7 @@ class RunDir:
         train.keep_checkpoints."""
         net, ema, opt = full.net(), full.ema_state(), full.optimizer()  # collectives under FSDP2
         phema = full.phema_states()
+        vsd = full.vsd_states()
         if not self.main:
             return None
         if self.stats is not None:
@@ -158,7 +159,7 @@ class RunDir:
         extra = {"phema": {"sigma_rels": [e.sigma_rel for e in full.phemas], "emas": phema}} if phema else {}
         ckpt_io.save_atomic({
             "format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "kind": model_kind(cfg.method),
-            "step": step, "config": cfg.to_dict(), "net": net, "ema": ema, "optimizer": opt, **extra,
+            "step": step, "config": cfg.to_dict(), "net": net, "ema": ema, "optimizer": opt, **extra, **vsd,
         }, path)
         ckpt_io.prune(self.path, cfg.train.keep_checkpoints)
         return path

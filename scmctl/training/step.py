@@ -12,8 +12,8 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from scmctl import losses
-from scmctl.config import Config
+from scmctl import losses, losses_vsd
+from scmctl.config import Config, uses_vsd
 from scmctl.nn.base import ImageNetwork
 from scmctl.training.optim import apply_update
 from scmctl.training.parallel import Model, plain_model
@@ -37,11 +37,20 @@ OBJECTIVES: dict[str, Callable[..., losses.LossOutput]] = {
 }
 
 
+def _with_vsd(cfg: Config, model: Model, out: losses.LossOutput, x0, onehot) -> losses.LossOutput:
+    """sCD + adaptive VSD (loss.vsd_weight > 0): the sCD loss `out` + λ_VSD·L_VSD, then the fake
+    score model's diffusion loss (:func:`scmctl.losses_vsd.with_vsd`)."""
+    return losses_vsd.with_vsd(out, model.grad_forward, model.teacher_forward, model.fake_forward, model.fake,
+                               model.vsd_head, tuple(x0.shape), onehot, cfg.loss, cfg.data.sigma_data, x0.device)
+
+
 def micro_batch_loss(cfg: Config, model: Model, x0: torch.Tensor, onehot: Optional[torch.Tensor],
                      step: int, augment_labels: Optional[torch.Tensor] = None) -> losses.LossOutput:
     """The loss of one micro-batch (its mean over examples); `augment_labels`: what the
-    augmentation did to x0 (EDM's augment label), given to every network call of the objective."""
-    return OBJECTIVES[cfg.method](cfg, model.with_augment_labels(augment_labels), x0, onehot, step)
+    augmentation did to x0 (EDM's augment label), given to every network call of the objective
+    (not to aVSD's, whose samples are generated, never augmented)."""
+    out = OBJECTIVES[cfg.method](cfg, model.with_augment_labels(augment_labels), x0, onehot, step)
+    return _with_vsd(cfg, model, out, x0, onehot) if uses_vsd(cfg) else out
 
 
 def accumulate_gradients(cfg: Config, model: Model, micro_batches: Iterable[tuple[Optional[torch.Tensor], ...]],
@@ -55,6 +64,10 @@ def accumulate_gradients(cfg: Config, model: Model, micro_batches: Iterable[tupl
         with model.sync(last=k == count - 1):
             out = micro_batch_loss(cfg, model, x0, onehot, step, *augment_labels)
             (out.loss if count == 1 else out.loss / count).backward()
+            if out.then is not None:  # a loss of other parameters (aVSD's F_φ), built after this backward
+                aux = out.then()
+                (aux.loss if count == 1 else aux.loss / count).backward()
+                out.stats.update(aux.stats)
         outs.append(out)
     if len(outs) != count:
         raise ValueError(f"expected {count} micro-batches, got {len(outs)}")
@@ -64,13 +77,19 @@ def accumulate_gradients(cfg: Config, model: Model, micro_batches: Iterable[tupl
 def training_step(cfg: Config, net: ImageNetwork, opt: torch.optim.Optimizer, x0: torch.Tensor,
                   onehot: Optional[torch.Tensor], step: int, lr: float,
                   teacher: Optional[ImageNetwork] = None, model: Optional[Model] = None,
-                  ) -> tuple[losses.LossOutput, torch.Tensor, bool]:
+                  fake_score=None) -> tuple[losses.LossOutput, torch.Tensor, bool]:
     """One optimizer step of `cfg.method` on one batch (no accumulation, no reseeding). A step
-    whose gradient norm is not finite is skipped. Returns (loss output, gradient norm, skipped)."""
+    whose gradient norm is not finite is skipped. `fake_score`: aVSD's
+    :class:`~scmctl.training.fake_score.FakeScore` (its modules in `model`), updated after the
+    student. Returns (loss output, gradient norm, skipped)."""
     model = model if model is not None else plain_model(net, teacher)
     opt.zero_grad(set_to_none=True)
+    if fake_score is not None:
+        fake_score.zero_grad()
     (out,) = accumulate_gradients(cfg, model, [(x0, onehot)], 1, step)
     grad_norm, skipped = apply_update(cfg, model, opt, lr)
+    if fake_score is not None:
+        fake_score.update(cfg, lr)
     return out, grad_norm, skipped
 
 

@@ -3,8 +3,9 @@
 A preset is a YAML file with the sections below plus an optional ``methods:`` mapping whose entries
 (``diffusion``, ``sct``, ``scd``) overlay the sections for that training method, because the paper's
 teacher and consistency-model settings differ (learning rate, P_mean/P_std, dropout, EMA, ...).
-A method variant (:data:`METHOD_VARIANTS`, e.g. ``scd_avsd``: sCD with loss.vsd_weight > 0) overlays
-its own ``methods:`` entry on its method's when the config asks for it.
+A method variant (:data:`METHOD_VARIANTS`, e.g. ``scd_avsd``: sCD with loss.vsd_weight > 0; ``sct_init``:
+sCT from a pretrained network) overlays its own ``methods:`` entry on its method's when the config
+asks for it.
 Resolution order: dataclass defaults < preset sections < preset ``methods[method]`` <
 ``methods[variant]`` < ``--set``.
 The resolved config is what ``--dry-run`` prints and what a run directory's ``config.yaml`` holds.
@@ -43,7 +44,10 @@ MAX_SIGMA_REL = math.sqrt(1 / 12)
 
 # Method variants: a preset's ``methods:`` entry applied over its method's when the config uses it.
 # scd_avsd: sCD + adaptive VSD (Lu & Song 2025, App. C; Table 5: 20k iterations on ImageNet-512).
-METHOD_VARIANTS = {"scd_avsd": ("scd", lambda cfg: cfg.loss.vsd_weight > 0)}
+# sct_init: sCT started from a pretrained network (--init; the paper's sCT starts from the teacher's EMA
+# with the CM learning rate, App. G), where sCT from scratch keeps the sct entry's values.
+METHOD_VARIANTS = {"scd_avsd": ("scd", lambda cfg: cfg.loss.vsd_weight > 0),
+                   "sct_init": ("sct", lambda cfg: cfg.init is not None)}
 
 
 def uses_vsd(cfg: "Config") -> bool:

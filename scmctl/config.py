@@ -172,6 +172,8 @@ class LossConfig:
     vsd_P_std: float = 2.0
     vsd_fake_P_mean: float = -0.8         # the fake score model's diffusion-loss proposal
     vsd_fake_P_std: float = 1.6
+    vsd_norm: str = "l2"                  # l2 | rms | none: the residual F_pre − F_φ ← r/(‖r‖ + c),
+                                          # c = tangent_norm_c, as the tangent (stable from the teacher's init)
 
 
 @dataclass
@@ -201,6 +203,9 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# g ← g/(‖g‖ + c) or g/(‖g‖/√D + c), or none: the sCM tangent's and the VSD residual's normalization
+NORMS = ("l2", "rms", "none")
+
 CHOICES = {
     "method": METHODS,
     "network.arch": NETWORK_ARCHS,
@@ -209,7 +214,8 @@ CHOICES = {
     "network.attention_backend": ("auto", "xformers", "sdpa", "math"),
     "network.attention_jvp": ("auto", "chunked", "fused", "math"),
     "train.optimizer": ("adam", "radam"),
-    "loss.tangent_norm": ("l2", "rms", "none"),
+    "loss.tangent_norm": NORMS,
+    "loss.vsd_norm": NORMS,
     "loss.jvp_mode": ("dual", "separate"),
     "loss.segment_spacing": SPACINGS,
     "train.parallel": ("ddp", "fsdp"),

@@ -7,12 +7,29 @@ the teacher) learns the distribution of the student's one-step samples. Per micr
     g_θ = f_θ(z', t_max) = cos(t_max)·z' − sin(t_max)·σ_d·F_θ(z'/σ_d, t_max)   (one-step sample)
     g⁻ = stopgrad(g_θ); t: log(σ_d tan t) ~ N(vsd_P_mean, vsd_P_std²); n ~ N(0, σ_d² I)
     x_t = cos t·g⁻ + sin t·n
-    L_VSD = e^{w_ψ(t)}/D·‖g_θ − g⁻ + F_pre(x_t/σ_d, t) − F_φ(x_t/σ_d, t)‖² − w_ψ(t)   (student, w_ψ)
+    r = F_pre(x_t/σ_d, t) − F_φ(x_t/σ_d, t);  r ← r/(‖r‖ + c)   (loss.vsd_norm = l2, the default)
+    L_VSD = e^{w_ψ(t)}/D·‖g_θ − g⁻ + r‖² − w_ψ(t)   (student, w_ψ)
     L_fake = the TrigFlow diffusion loss of F_φ on g⁻, log(σ_d tan t) ~ N(vsd_fake_P_mean, ·²)   (φ)
 
 The student minimizes the sCD loss + λ_VSD·L_VSD; F_pre and F_φ run without gradient, so L_VSD
 reaches θ only through g_θ (and w_ψ through its head), and L_fake reaches only φ (g⁻ is detached).
 L_fake's graph is built after the student's backward (:attr:`LossOutput.then`).
+
+Residual normalization (loss.vsd_norm: l2 | rms | none, c = loss.tangent_norm_c). The residual r
+plays the part of the sCM tangent g in the sCM loss e^{w}/D·‖F_θ − F⁻ − g‖² − w, and is normalized
+the same way (g/(‖g‖ + c), Lu & Song 2025 Sec. 4.2). Without it (none, the plain formula), the
+adaptive weight divides by the residual's own scale: e^{w_ψ} ≈ 1/E[‖r‖²/D], so the student's gradient
+2e^{w_ψ}/D·r grows like 1/‖r‖ as ‖r‖ → 0. `scmctl distill` starts the student and F_φ at the
+teacher, where r ≈ 0: on the 2-D toy (λ 0.1, seeds 0, 1) e^{w_ψ} climbs to ≈300 by step 750; when the
+student then moves (an sCD loss spike near step 800 that sCD alone recovers from), the amplified
+push and F_φ chasing the moved samples feed each other (‖r‖²/D reached 10⁷). With l2, ‖r‖ < 1 per
+sample, e^{w_ψ} stayed under ≈16 (λ 0.3, seed 3) and the same spike passed. Measured on the grid toy of
+tests/test_learning.py (student from the teacher's weights, 1000 steps, EMA 1-step SWD, seeds
+0/1/2/3; an untrained student is at ≈0.45): sCD alone 0.049/0.198/0.227/0.034; none λ 0.1:
+2.26/43.6/0.046/0.090, λ 0.3: 0.033/0.175/0.033/0.077, λ 1: 0.47/0.39/0.41/0.32; l2 λ 0.1:
+0.033/0.42/0.18/0.33, λ 0.3: 0.038/0.040/0.035/0.47, λ 0.5: 0.034/0.034/0.060/0.033, λ 1:
+0.097/0.21/0.150/0.074. The end points scatter with where sCD's spikes fall; l2 with λ 0.5 was the
+best row (every seed ≤ 0.06; the README's example); λ 1 no longer blows up but is not better than sCD.
 """
 
 from __future__ import annotations
@@ -24,7 +41,7 @@ import torch
 
 from scmctl import trigflow
 from scmctl.config import LossConfig
-from scmctl.losses import LossOutput, diffusion_loss, guidance_scales, guided_teacher
+from scmctl.losses import LossOutput, diffusion_loss, guidance_scales, guided_teacher, normalize_tangent
 
 
 def one_step_sample(net, z: torch.Tensor, labels: Optional[torch.Tensor], guidance: Optional[torch.Tensor],
@@ -61,7 +78,8 @@ def vsd_loss(student, teacher, fake_forward, fake_net, weight_head, shape: tuple
     guidance input and F_pre = F_u + s·(F_c − F_u), as in sCD (:func:`scmctl.losses.teacher_velocity`);
     F_φ, a copy of the unguided teacher, sees the labels only.
 
-    Sign. ∇_{g_θ} L_VSD = 2e^{w}/D·(F_pre − F_φ) (the residual's g_θ − g⁻ is 0 in value), so a
+    Sign. ∇_{g_θ} L_VSD = 2e^{w}/D·r with r ∝ F_pre − F_φ (a positive per-sample factor
+    1/(‖F_pre − F_φ‖ + c) under loss.vsd_norm = l2; the residual's g_θ − g⁻ is 0 in value), so a
     descent step moves each sample along F_φ − F_pre. With the denoiser D(x_t) = cos t·x_t −
     sin t·σ_d·F (TrigFlow, Lu & Song 2025 Eq. 2), D_pre − D_φ = sin t·σ_d·(F_φ − F_pre): the step
     is along D_real − D_fake, toward the data and away from the student's own distribution (the
@@ -77,7 +95,9 @@ def vsd_loss(student, teacher, fake_forward, fake_net, weight_head, shape: tuple
     F_pre = guided_teacher(teacher, x_t / sigma_data, t, labels, guidance)
     F_fake = _evaluated(fake_forward, fake_net, x_t / sigma_data, t, labels)
     ld = torch.promote_types(g.dtype, torch.float32)
-    residual = g.to(ld) - g_minus.to(ld) + (F_pre.to(ld) - F_fake.to(ld))
+    # the residual's value F_pre − F_φ, normalized like the sCM tangent (loss.vsd_norm; Sec. 4.2)
+    r = normalize_tangent(F_pre.to(ld) - F_fake.to(ld), dataclasses.replace(cfg, tangent_norm=cfg.vsd_norm))
+    residual = g.to(ld) - g_minus.to(ld) + r
     per = residual.flatten(1).square().sum(dim=1) / d
     raw = per.detach()
     if cfg.adaptive_weighting:

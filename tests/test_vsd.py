@@ -61,17 +61,18 @@ def float64():
     torch.set_default_dtype(old)
 
 
-@pytest.mark.parametrize("guided", [False, True])
-def test_vsd_gradient_matches_the_closed_form_float64(guided, float64):
-    """∇_θ and ∇_ψ of L_VSD = mean_i e^{w(t_i)}/D·‖g_θ,i − g⁻_i + F_pre,i − F_φ,i‖² − w(t_i) equal
-    the closed form: with R_i = F_pre,i − F_φ,i (the residual's value) and g_i = cos(T)·z_i −
+@pytest.mark.parametrize("guided,norm", [(False, "l2"), (True, "l2"), (False, "none"), (True, "rms")])
+def test_vsd_gradient_matches_the_closed_form_float64(guided, norm, float64):
+    """∇_θ and ∇_ψ of L_VSD = mean_i e^{w(t_i)}/D·‖g_θ,i − g⁻_i + R_i‖² − w(t_i) equal the closed
+    form: with R_i = F_pre,i − F_φ,i normalized (loss.vsd_norm: l2 R/(‖R‖ + c), rms R/(‖R‖/√D + c),
+    none R; the value of the residual, with no gradient) and g_i = cos(T)·z_i −
     sin(T)·σ_d·F_θ(z_i/σ_d, T), ∂L/∂g_i = 2e^{w_i}/(nD)·R_i, so ∂L/∂A = −sin(T)·Σ_i 2e^{w_i}/(nD)·R_i z_iᵀ
     (z_i/σ_d times σ_d), ∂L/∂b = −sin(T)σ_d·T·Σ_i 2e^{w_i}/(nD)·R_i, ∂L/∂w_i = (e^{w_i}‖R_i‖²/D − 1)/n;
     the teacher and F_φ get no gradient. Guided: F_pre = F_u + s(F_c − F_u) with the student's s."""
     student, teacher, fake, head = Linear(0), Linear(1), Linear(2), Head()
     teacher.requires_grad_(False)
     labels = torch.nn.functional.one_hot(torch.arange(N) % K, K).double()
-    cfg = LossConfig(max_guidance=3.0 if guided else 1.0)
+    cfg = LossConfig(max_guidance=3.0 if guided else 1.0, vsd_norm=norm, tangent_norm_c=0.3)
     torch.manual_seed(7)
     out, g_minus = losses_vsd.vsd_loss(student, teacher, fake, fake, head, (N, C, H, H), labels, cfg, SD, "cpu")
     out.loss.backward()
@@ -94,6 +95,8 @@ def test_vsd_gradient_matches_the_closed_form_float64(guided, float64):
         F_pre = F_u + s.double()[:, None] * (F_c - F_u) if guided else F_c
         F_phi = x @ fake.A.T + td[:, None] * fake.b + labels @ fake.E
         R = F_pre - F_phi
+        scale = {"l2": R.norm(dim=1) + 0.3, "rms": R.norm(dim=1) / D ** 0.5 + 0.3, "none": torch.ones(N)}[norm]
+        R = R / scale[:, None]
         w = 0.3 * td - 0.2
         coef = 2 * torch.exp(w) / (N * D)                       # ∂L/∂g_i = coef_i·R_i
         sinT = torch.sin(torch.tensor(T, dtype=torch.float64))
@@ -113,7 +116,9 @@ def test_vsd_gradient_matches_the_closed_form_float64(guided, float64):
     assert all(p.grad is None for p in list(teacher.parameters()) + list(fake.parameters()))
     # a descent step on the samples moves them along D_pre − D_φ = sin t·σ_d·(F_φ − F_pre)
     step = -(coef[:, None] * R)
-    assert torch.allclose(step, coef[:, None] * (F_phi - F_pre))
+    assert torch.allclose(step, coef[:, None] / scale[:, None] * (F_phi - F_pre))
+    if norm != "none":  # the normalized residual is bounded: ‖R‖ < 1 (l2) or < √D (rms)
+        assert float(R.norm(dim=1).max()) < (1 if norm == "l2" else D ** 0.5)
 
 
 def test_fake_loss_reaches_only_the_fake_model(float64):
@@ -145,6 +150,9 @@ def test_vsd_weight_config_rules_and_the_imagenet512_variant():
         config.resolve("tiny", "scd", ["loss.vsd_weight=1", "loss.vsd_P_std=0"])
     with pytest.raises(UsageError, match="loss.vsd_weight"):
         config.resolve("tiny", "scd", ["loss.vsd_weight=-1"])
+    assert cfg.loss.vsd_norm == "l2"
+    with pytest.raises(UsageError, match="loss.vsd_norm"):
+        config.resolve("tiny", "scd", ["loss.vsd_weight=1", "loss.vsd_norm=max"])
     # ImageNet-512: sCD + aVSD runs 20k iterations (Table 5), everything else as sCD (guidance too)
     for name in ("imagenet512", "imagenet512-s", "imagenet512-xxl"):
         scd = config.resolve(name, "scd", [])

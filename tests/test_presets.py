@@ -164,3 +164,14 @@ def test_old_run_configs_translate_lr_warmup_steps():
     assert config.from_dict({"train": {"lr_warmup_steps": 0}}).train.lr_rampup_images == 0
     with pytest.raises(config.UsageError, match="lr_warmup_steps"):
         config.resolve("tiny", "sct", ["train.lr_warmup_steps=10"])
+
+
+def test_sct_from_a_pretrained_network_uses_the_sct_init_variant():
+    """`train --init CKPT` (sCT from a teacher) overlays the preset's sct_init entry; sCT from
+    scratch and --set keep precedence as documented."""
+    scratch = config.resolve("tiny", "sct")
+    init = config.resolve("tiny", "sct", init="teacher.pt")
+    assert (scratch.train.lr, init.train.lr) == (1.0e-2, 1.0e-3)
+    assert config.diff(scratch, init) == ["init", "train.lr"]
+    assert config.resolve("tiny", "sct", ["train.lr=5e-3"], init="teacher.pt").train.lr == 5e-3
+    assert config.resolve("tiny", "scd", init="teacher.pt").train.lr == config.resolve("tiny", "scd").train.lr

@@ -226,10 +226,10 @@ def build_model(cfg: Config, net: ImageNetwork, dist: distributed.Dist, teacher:
     if mode != cfg.loss.jvp_mode:
         raise ValueError(f"loss.jvp_mode={cfg.loss.jvp_mode} cannot run here ({why}); build the "
                          "model from the run's config (scmctl.training.run_config.resolve_for_run)")
-    names, shapes = _parameter_layout(net)
-    fake_names, fake_shapes = _parameter_layout(fake) if fake is not None else ([], {})
     if dist.world == 1 and tc.precision == "fp32" and not tc.compile:
         return plain_model(net, teacher, fake, vsd_head)  # the single-process path: no wrapper at all
+    names, shapes = _parameter_layout(net)
+    fake_names, fake_shapes = _parameter_layout(fake) if fake is not None else ([], {})
     ddp, fake_ddp, fsdp = None, None, False
     module, fake_module = net, fake
     if dist.world > 1 and tc.parallel == "ddp":

@@ -391,4 +391,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from scmctl.errors import UsageError
+
+    try:
+        main()
+    except UsageError as e:  # a wrong path or setting: one line, exit 2, as the CLI does
+        sys.exit(print(f"digits_fd.py: {e}", file=sys.stderr) or 2)

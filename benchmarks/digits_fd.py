@@ -396,4 +396,5 @@ if __name__ == "__main__":
     try:
         main()
     except UsageError as e:  # a wrong path or setting: one line, exit 2, as the CLI does
-        sys.exit(print(f"digits_fd.py: {e}", file=sys.stderr) or 2)
+        print(f"digits_fd.py: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -15,6 +15,7 @@ benchmarks/digits_fd.py).
 """
 
 import copy
+import functools
 import math
 
 import pytest
@@ -197,18 +198,27 @@ def cli_run(run, command: list[str], steps: int):
     return run
 
 
+@functools.cache
+def digits_ref_stats():
+    """Mean and covariance of the 1797 training digits at 8x8 in [-1, 1] (64-d, float64)."""
+    import numpy as np
+
+    from scmctl.data.datasets import load_dataset
+
+    ref = load_dataset("digits", 8).images.flatten(1).double().numpy() / 127.5 - 1
+    return ref.mean(0), np.cov(ref, rowvar=False)
+
+
 def digits_fd(model, kind: str, steps: int) -> float:
     """Fréchet distance of 2000 samples (seeds 0..1999, quantized to 8 bits) to the 1797 training
     digits in pixel space (64-d, float64). Consistency models: t_mid 1.1; teachers: DPM-Solver-2S."""
     import numpy as np
 
-    from scmctl.data.datasets import load_dataset
     from scmctl.metrics.fid import frechet_distance
 
-    ref = load_dataset("digits", 8).images.flatten(1).double().numpy() / 127.5 - 1
     x, _, _ = sampling.generate(model, kind, list(range(2000)), (1, 8, 8), SD, steps, 1.1)
     x = ((x.clamp(-1, 1) * 127.5 + 127.5).round() / 127.5 - 1).flatten(1).double().numpy()
-    return frechet_distance(x.mean(0), np.cov(x, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False))
+    return frechet_distance(x.mean(0), np.cov(x, rowvar=False), *digits_ref_stats())
 
 
 def ema_of(run):

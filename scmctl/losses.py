@@ -5,6 +5,7 @@ The sCM loss follows Algorithm 1 of Lu & Song (ICLR 2025), Sec. 4. One step:
     x0 ~ data; z ~ N(0, σ_d² I); τ ~ N(P_mean, P_std²); t = arctan(e^τ/σ_d)
     x_t = cos t·x0 + sin t·z
     dx_t/dt = cos t·z − sin t·x0   (sCT)   |   σ_d·F_teacher(x_t/σ_d, t[, s])   (sCD)
+                 (sCT with loss.sct_velocity=batch: its posterior average over the batch, scmctl.batch_velocity)
     r = min(1, step/H)                                                    (tangent warmup, Sec. 4.2)
     F⁻, J = jvp(F_θ⁻, (x_t/σ_d, t), (cos t·sin t·dx_t/dt, cos t·sin t·σ_d))   ⇒ J = σ_d cos t sin t dF⁻/dt
     g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·(cos t·sin t·x_t + J)               (= cos t·df⁻/dt, Eq. 8 rearranged)
@@ -36,6 +37,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from scmctl import discrete, segments, trigflow
+from scmctl.batch_velocity import batch_velocity
 from scmctl.config import LossConfig
 from scmctl.devices import fork_rng
 from scmctl.trigflow import per_sample
@@ -228,7 +230,9 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
     else:
         t, t_ref = trigflow.sample_time(n, cfg.P_mean, cfg.P_std, sigma_data, device=x0.device), None
     x_t = trigflow.add_noise(x0, z, t)
-    if teacher is None:
+    if teacher is None and cfg.sct_velocity == "batch":  # the posterior average over the batch
+        dxdt, guidance = batch_velocity(x_t, t, x0, z, sigma_data, labels=labels), None
+    elif teacher is None:
         dxdt, guidance = trigflow.velocity(x0, z, t), None
     else:
         dxdt, guidance = teacher_velocity(teacher, x_t, t, labels, cfg, sigma_data)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from scmctl.trigflow import per_sample
+from scmctl import trigflow
 
 
 def same_class(labels: Optional[torch.Tensor], n_ref: int) -> Optional[torch.Tensor]:
@@ -64,5 +64,5 @@ def batch_velocity(x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, z: torc
     # x0_i − x̂0_i = Σ_j w_ij (x0_i − x0_j): exactly 0 once the weights have collapsed onto j = i
     own = ref[:n]
     correction = own - w @ ref
-    v = torch.cos(per_sample(t, x0)) * z - torch.sin(per_sample(t, x0)) * x0
+    v = trigflow.velocity(x0, z, t)
     return (v.double() + (correction / s).view_as(v)).to(x_t.dtype)

@@ -159,7 +159,8 @@ class LossConfig:
     jvp_fp32: bool = False                # under train.precision=bf16: the tangent pass in fp32
     sct_velocity: str = "conditional"     # sCT's dx_t/dt: conditional = the own pair's cos t·z − sin t·x0
                                           # (Algorithm 1); batch = its posterior average over the batch
-                                          # (stable target field, Xu et al. 2023; scmctl/batch_velocity.py)
+                                          # (stable target field, Xu et al. 2023; scmctl/batch_velocity.py);
+                                          # discrete-time sCT runs conditional (its x_{t'} is exact)
     # multistep sCM (issue 13 part 2; Heek et al. 2024; scmctl/segments.py)
     segments: int = 1                     # M: f_θ maps t in (s_{i−1}, s_i] to s_{i−1}; 1 = sCM
     segment_boundaries: Optional[list[float]] = None  # M + 1 increasing t from 0 to t_max;
@@ -541,9 +542,9 @@ def validate(cfg: Config) -> None:
                          f"data.sigma_data ({cfg.data.sigma_data})")
     _validate_segments(cfg)
     _validate_discrete(cfg)
-    if cfg.loss.sct_velocity == "batch" and (cfg.method != "sct" or cfg.loss.discrete_steps):
-        raise UsageError("loss.sct_velocity=batch applies to continuous-time sCT (method sct, "
-                         "loss.discrete_steps=0); set loss.sct_velocity=conditional")
+    if cfg.loss.sct_velocity == "batch" and cfg.method != "sct":
+        raise UsageError(f"loss.sct_velocity=batch applies to sCT (scmctl train), not to method {cfg.method}; "
+                         "set loss.sct_velocity=conditional")
     if not 0 < cfg.sample.t_mid < 1.5707963:
         raise UsageError(f"config key 'sample.t_mid' must be in (0, π/2), got {cfg.sample.t_mid}")
 

@@ -230,7 +230,7 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
     else:
         t, t_ref = trigflow.sample_time(n, cfg.P_mean, cfg.P_std, sigma_data, device=x0.device), None
     x_t = trigflow.add_noise(x0, z, t)
-    if teacher is None and cfg.sct_velocity == "batch":  # the posterior average over the batch
+    if teacher is None and cfg.sct_velocity == "batch" and not cfg.discrete_steps:  # posterior average
         dxdt, guidance = batch_velocity(x_t, t, x0, z, sigma_data, labels=labels), None
     elif teacher is None:
         dxdt, guidance = trigflow.velocity(x0, z, t), None

@@ -89,13 +89,40 @@ def test_variance_at_large_t_is_a_fraction_of_the_conditional():
     assert se_batch < 0.1 * se_cond, (se_batch, se_cond)
 
 
-@pytest.mark.parametrize("method,extra", [("scd", []), ("diffusion", []), ("sct", ["loss.discrete_steps=64"])])
-def test_batch_velocity_is_for_continuous_sct_only(method, extra):
-    with pytest.raises(UsageError, match="sct_velocity=batch applies to continuous-time sCT"):
-        config_mod.resolve(method=method, preset="tiny", overrides=["loss.sct_velocity=batch", *extra])
+@pytest.mark.parametrize("method", ["scd", "diffusion"])
+def test_batch_velocity_is_for_sct_only(method):
+    with pytest.raises(UsageError, match="sct_velocity=batch applies to sCT"):
+        config_mod.resolve(method=method, preset="tiny", overrides=["loss.sct_velocity=batch"])
+
+
+def test_discrete_time_sct_runs_the_conditional_velocity_and_says_so():
+    """The tiny preset's sCT from a teacher asks for the batch velocity; discrete-time sCT takes each
+    pair's exact x_t' instead, so the run's config records conditional and the user is told."""
+    from scmctl.training.run_config import resolve_for_run
+
+    cfg = config_mod.resolve(method="sct", preset="tiny", overrides=["loss.discrete_steps=64"], init="t.pt")
+    assert cfg.loss.sct_velocity == "batch"
+    ran, notes = resolve_for_run(cfg, dataset=_digits())
+    assert ran.loss.sct_velocity == "conditional"
+    assert any("loss.sct_velocity=batch runs as conditional" in n for n in notes)
+    continuous, notes = resolve_for_run(config_mod.resolve(method="sct", preset="tiny", init="t.pt"),
+                                        dataset=_digits())
+    assert continuous.loss.sct_velocity == "batch" and not any("sct_velocity" in n for n in notes)
+
+
+def _digits():
+    from scmctl.data.datasets import load_dataset
+
+    return load_dataset("digits", 16)
 
 
 def test_the_default_is_algorithm_1():
+    """The schema's default, the paper presets and the tiny preset's sCT from scratch: the
+    conditional velocity; the tiny preset's sCT from a teacher (sct_init): batch."""
+    assert config_mod.LossConfig().sct_velocity == "conditional"
+    for preset in ("cifar10", "imagenet64", "imagenet512"):
+        assert config_mod.resolve(method="sct", preset=preset).loss.sct_velocity == "conditional"
     assert config_mod.resolve(method="sct", preset="tiny").loss.sct_velocity == "conditional"
+    assert config_mod.resolve(method="sct", preset="tiny", init="t.pt").loss.sct_velocity == "batch"
     with pytest.raises(UsageError, match="must be one of conditional, batch"):
         config_mod.resolve(method="sct", preset="tiny", overrides=["loss.sct_velocity=stf"])

@@ -13,7 +13,8 @@ the run, :func:`resolve_for_run` makes the one copy the run uses, and nothing ed
 - the sCD student's guidance input (a guided teacher, loss.max_guidance > 1, conditional data);
 - a multistep model's segment boundaries (loss.segment_boundaries; null = the default placement);
 - what the hardware setup forces: the effective loss.jvp_mode (:func:`effective_jvp_mode`; the
-  separate mode for discrete-time sCM, loss.discrete_steps > 0, which has no jvp) and, under
+  separate mode for discrete-time sCM, loss.discrete_steps > 0, which has no jvp; its sCT takes the
+  exact x_t' of each pair, so loss.sct_velocity runs as conditional) and, under
   train.compile, the attention backend that ``auto`` means.
 
 config.yaml and every checkpoint record this config, so a run directory shows what actually ran.
@@ -81,6 +82,10 @@ def resolve_for_run(cfg: Config, *, world: int = 1, device: str = "auto", datase
     if mode != cfg.loss.jvp_mode:
         notes.append(f"loss.jvp_mode={cfg.loss.jvp_mode} runs as {mode}: {why}")
         cfg.loss.jvp_mode = mode
+    if cfg.loss.discrete_steps and cfg.loss.sct_velocity != "conditional":
+        notes.append(f"loss.sct_velocity={cfg.loss.sct_velocity} runs as conditional: discrete-time sCT "
+                     "takes the exact point x_t' of each sample's own pair")
+        cfg.loss.sct_velocity = "conditional"
     if cfg.loss.discrete_steps and cfg.train.precision == "bf16" and not cfg.loss.jvp_fp32:
         notes.append(DISCRETE_BF16_WARNING)
     if cfg.train.compile and cfg.network.attention_backend == "auto":

@@ -98,22 +98,18 @@ def test_batch_velocity_is_for_sct_only(method):
 def test_discrete_time_sct_runs_the_conditional_velocity_and_says_so():
     """The tiny preset's sCT from a teacher asks for the batch velocity; discrete-time sCT takes each
     pair's exact x_t' instead, so the run's config records conditional and the user is told."""
+    from scmctl.data.datasets import load_dataset
     from scmctl.training.run_config import resolve_for_run
 
     cfg = config_mod.resolve(method="sct", preset="tiny", overrides=["loss.discrete_steps=64"], init="t.pt")
     assert cfg.loss.sct_velocity == "batch"
-    ran, notes = resolve_for_run(cfg, dataset=_digits())
+    digits = load_dataset("digits", 16)
+    ran, notes = resolve_for_run(cfg, dataset=digits)
     assert ran.loss.sct_velocity == "conditional"
     assert any("loss.sct_velocity=batch runs as conditional" in n for n in notes)
     continuous, notes = resolve_for_run(config_mod.resolve(method="sct", preset="tiny", init="t.pt"),
-                                        dataset=_digits())
+                                        dataset=digits)
     assert continuous.loss.sct_velocity == "batch" and not any("sct_velocity" in n for n in notes)
-
-
-def _digits():
-    from scmctl.data.datasets import load_dataset
-
-    return load_dataset("digits", 16)
 
 
 def test_the_default_is_algorithm_1():

@@ -161,6 +161,8 @@ class LossConfig:
                                           # (Algorithm 1); batch = its posterior average over the batch
                                           # (stable target field, Xu et al. 2023; scmctl/batch_velocity.py);
                                           # discrete-time sCT runs conditional (its x_{t'} is exact)
+    sct_references: int = 0               # with sct_velocity=batch: extra data examples per micro-batch
+                                          # in the posterior average (Xu et al.'s larger reference batch)
     # multistep sCM (issue 13 part 2; Heek et al. 2024; scmctl/segments.py)
     segments: int = 1                     # M: f_θ maps t in (s_{i−1}, s_i] to s_{i−1}; 1 = sCM
     segment_boundaries: Optional[list[float]] = None  # M + 1 increasing t from 0 to t_max;
@@ -545,6 +547,11 @@ def validate(cfg: Config) -> None:
     if cfg.loss.sct_velocity == "batch" and cfg.method != "sct":
         raise UsageError(f"loss.sct_velocity=batch applies to sCT (scmctl train), not to method {cfg.method}; "
                          "set loss.sct_velocity=conditional")
+    if cfg.loss.sct_references < 0:
+        raise UsageError(f"config key 'loss.sct_references' must be >= 0, got {cfg.loss.sct_references}")
+    if cfg.loss.sct_references and cfg.loss.sct_velocity != "batch":
+        raise UsageError(f"loss.sct_references={cfg.loss.sct_references} extends the batch velocity's average: "
+                         "set loss.sct_velocity=batch, or loss.sct_references=0")
     if not 0 < cfg.sample.t_mid < 1.5707963:
         raise UsageError(f"config key 'sample.t_mid' must be in (0, π/2), got {cfg.sample.t_mid}")
 

@@ -37,7 +37,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from scmctl import discrete, segments, trigflow
-from scmctl.batch_velocity import batch_velocity
+from scmctl.batch_velocity import References, batch_velocity
 from scmctl.config import LossConfig
 from scmctl.devices import fork_rng
 from scmctl.trigflow import per_sample
@@ -214,12 +214,15 @@ def normalize_tangent(g: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
 
 def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg: LossConfig,
                      sigma_data: float, step: int, teacher: Optional[Callable] = None,
-                     train_net=None) -> LossOutput:
+                     train_net=None, augment_labels: Optional[torch.Tensor] = None,
+                     references: Optional[References] = None) -> LossOutput:
     """The sCM loss (Algorithm 1) for sCT (teacher None) or sCD (teacher = F_teacher module).
 
     `net`: the unwrapped student (jvp and w_φ); `train_net`: what the gradient forward goes
     through (a DDP/FSDP wrapper), default `net`. `labels`: one-hot rows (zero row =
-    unconditional) or None.
+    unconditional) or None. `augment_labels` and `references` (extra data examples) only serve
+    sCT's batch velocity (loss.sct_velocity=batch): the posterior average pairs samples that went
+    through the same augmentation.
     """
     train_net = train_net if train_net is not None else net
     n, d = x0.shape[0], x0[0].numel()
@@ -231,7 +234,9 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
         t, t_ref = trigflow.sample_time(n, cfg.P_mean, cfg.P_std, sigma_data, device=x0.device), None
     x_t = trigflow.add_noise(x0, z, t)
     if teacher is None and cfg.sct_velocity == "batch" and not cfg.discrete_steps:  # posterior average
-        dxdt, guidance = batch_velocity(x_t, t, x0, z, sigma_data, labels=labels), None
+        dxdt = batch_velocity(x_t, t, x0, z, sigma_data, labels=labels, augment_labels=augment_labels,
+                              references=references)
+        guidance = None
     elif teacher is None:
         dxdt, guidance = trigflow.velocity(x0, z, t), None
     else:

@@ -98,7 +98,7 @@ def test_sct_gradient_matches_analytic_objective(norm, adaptive, step, jvp_mode)
 
 def _posterior_velocity(x0, x_t, t):
     """The stable-target-field velocity, written out per sample: Gaussian densities of x_t under
-    every x0_j of the batch, normalized, and the velocity (cos t·x_t − E[x0 | x_t])/sin t."""
+    every x0_j of the reference set x0, normalized, and the velocity (cos t·x_t − E[x0 | x_t])/sin t."""
     v = torch.empty_like(x_t)
     for i in range(x_t.shape[0]):
         c, s = math.cos(float(t[i])), math.sin(float(t[i]))
@@ -108,16 +108,23 @@ def _posterior_velocity(x0, x_t, t):
     return v
 
 
-@pytest.mark.parametrize("jvp_mode", ["dual", "separate"])
-def test_sct_batch_velocity_gradient_matches_analytic_objective(jvp_mode):
+@pytest.mark.parametrize("jvp_mode,extra", [("dual", 0), ("separate", 0), ("dual", 24)])
+def test_sct_batch_velocity_gradient_matches_analytic_objective(jvp_mode, extra):
+    """Against the objective written out with a per-sample brute-force posterior over the batch
+    (and `extra` further reference examples, loss.sct_references)."""
+    from scmctl.batch_velocity import References
+
     d, n = 6, 16
     model = Affine(d)
     # a spread-out batch so that the posterior weights are neither one-hot nor uniform at most t
-    x0 = torch.randn(n, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.3
+    pool = torch.randn(n + extra, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 0.3
+    x0 = pool[:n]
+    refs = References(pool[n:]) if extra else None
     cfg = LossConfig(P_mean=0.0, P_std=1.0, tangent_warmup_steps=0, sct_velocity="batch", jvp_mode=jvp_mode)
     torch.manual_seed(11)
-    consistency_loss(model, x0, None, cfg, SD, 0).loss.backward()
-    gW, gu, ga, gb = _analytic(model, x0, cfg, 11, 0, velocity=_posterior_velocity)
+    consistency_loss(model, x0, None, cfg, SD, 0, references=refs).loss.backward()
+    gW, gu, ga, gb = _analytic(model, x0, cfg, 11, 0,
+                               velocity=lambda x0_, x_t, t: _posterior_velocity(pool, x_t, t))
     assert torch.allclose(model.W.grad, gW, rtol=1e-5, atol=1e-7)
     assert torch.allclose(model.u.grad, gu, rtol=1e-5, atol=1e-7)
     assert torch.allclose(model.a.grad, ga, rtol=1e-5, atol=1e-7)

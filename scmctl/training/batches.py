@@ -3,7 +3,7 @@
 Data order and every random draw of step s are derived from (seed, s) alone, so a resumed run
 reproduces the uninterrupted one bit for bit on the CPU. Global micro-batch j of step s seeds
 torch's RNG with ``micro_batch_seed(seed, s, j)`` before anything is drawn (latent posterior
-noise, flips, label dropout, then the loss's z, t and dropout masks), so a step's result depends on
+noise, flips, sCT's extra references, label dropout, then the loss's z, t and dropout masks), so a step's result depends on
 (seed, s, B, m) and not on how the micro-batches are spread over processes.
 """
 
@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import torch
 
 from scmctl import losses
+from scmctl.batch_velocity import References
 from scmctl.config import Config
 from scmctl.data import augment as edm_augment
 from scmctl.data.datasets import batch_indices
@@ -42,10 +43,27 @@ def augment(cfg: Config, x0: torch.Tensor) -> tuple[torch.Tensor, Optional[torch
     return x0, None
 
 
+def _onehot(labels: Optional[torch.Tensor], num_classes: int, device: torch.device) -> Optional[torch.Tensor]:
+    return losses.drop_labels(labels.to(device), num_classes, 0.0) if (labels is not None and num_classes) else None
+
+
+def references(cfg: Config, dataset, device: torch.device) -> Optional[References]:
+    """loss.sct_references examples drawn without replacement from the whole dataset (from the
+    micro-batch's RNG, after its own examples), augmented like training examples, labels kept:
+    the extra reference set of sCT's batch velocity (:mod:`scmctl.batch_velocity`)."""
+    count = min(cfg.loss.sct_references, len(dataset))
+    if count <= 0:
+        return None
+    x0, labels = dataset.batch(torch.randperm(len(dataset))[:count])
+    x0, augment_labels = augment(cfg, x0.to(device))
+    return References(x0, _onehot(labels, cfg.network.num_classes or 0, device), augment_labels)
+
+
 def micro_batches(cfg: Config, dataset, layout: BatchLayout, rank: int, step: int,
-                  device: torch.device) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]:
+                  device: torch.device) -> Iterator[tuple]:
     """This process's micro-batches of `step` as (x0 in model space, one-hot labels or None,
-    augment labels or None), drawn lazily: each right after its seed is set. `dataset`: ``len(dataset)`` examples and
+    augment labels or None, extra references or None (:func:`references`)), drawn lazily: each
+    right after its seed is set. `dataset`: ``len(dataset)`` examples and
     ``dataset.batch(indices) -> (x0 float32 NCHW, int64 labels or None)``."""
     tc = cfg.train
     num_classes = cfg.network.num_classes or 0
@@ -54,5 +72,6 @@ def micro_batches(cfg: Config, dataset, layout: BatchLayout, rank: int, step: in
         torch.manual_seed(micro_batch_seed(tc.seed, step, j))
         x0, labels = dataset.batch(idx[j * layout.micro:(j + 1) * layout.micro])
         x0, augment_labels = augment(cfg, x0.to(device))  # before the loss draws any noise
+        refs = references(cfg, dataset, device)
         labels = labels.to(device) if (labels is not None and num_classes) else None
-        yield x0, losses.drop_labels(labels, num_classes, cfg.network.label_dropout), augment_labels
+        yield x0, losses.drop_labels(labels, num_classes, cfg.network.label_dropout), augment_labels, refs

@@ -83,9 +83,11 @@ def resolve_for_run(cfg: Config, *, world: int = 1, device: str = "auto", datase
         notes.append(f"loss.jvp_mode={cfg.loss.jvp_mode} runs as {mode}: {why}")
         cfg.loss.jvp_mode = mode
     if cfg.loss.discrete_steps and cfg.loss.sct_velocity != "conditional":
-        notes.append(f"loss.sct_velocity={cfg.loss.sct_velocity} runs as conditional: discrete-time sCT "
+        refs = f" (loss.sct_references={cfg.loss.sct_references} unused)" if cfg.loss.sct_references else ""
+        notes.append(f"loss.sct_velocity={cfg.loss.sct_velocity} runs as conditional{refs}: discrete-time sCT "
                      "takes the exact point x_t' of each sample's own pair")
         cfg.loss.sct_velocity = "conditional"
+        cfg.loss.sct_references = 0
     if cfg.loss.discrete_steps and cfg.train.precision == "bf16" and not cfg.loss.jvp_fp32:
         notes.append(DISCRETE_BF16_WARNING)
     if cfg.train.compile and cfg.network.attention_backend == "auto":

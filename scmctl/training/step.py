@@ -19,17 +19,21 @@ from scmctl.training.optim import apply_update
 from scmctl.training.parallel import Model, plain_model
 
 
-def _diffusion(cfg: Config, model: Model, x0, onehot, step: int) -> losses.LossOutput:
+def _diffusion(cfg: Config, model: Model, x0, onehot, step: int, augment_labels=None,
+               references=None) -> losses.LossOutput:
     return losses.diffusion_loss(model.grad_forward, x0, onehot, cfg.loss, cfg.data.sigma_data,
                                  weight_net=model.net)
 
 
-def _consistency(cfg: Config, model: Model, x0, onehot, step: int) -> losses.LossOutput:
+def _consistency(cfg: Config, model: Model, x0, onehot, step: int, augment_labels=None,
+                 references=None) -> losses.LossOutput:
     return losses.consistency_loss(model.jvp_forward, x0, onehot, cfg.loss, cfg.data.sigma_data, step,
-                                   teacher=model.teacher_forward, train_net=model.grad_forward)
+                                   teacher=model.teacher_forward, train_net=model.grad_forward,
+                                   augment_labels=augment_labels, references=references)
 
 
-# method -> (cfg, model, x0, one-hot labels, step) -> the mean loss of one micro-batch
+# method -> (cfg, model, x0, one-hot labels, step, augment labels, sCT's extra references) -> the
+# mean loss of one micro-batch
 OBJECTIVES: dict[str, Callable[..., losses.LossOutput]] = {
     "diffusion": _diffusion,   # the TrigFlow teacher
     "sct": _consistency,       # consistency training (Lu & Song 2025, Alg. 1; teacher None)
@@ -45,24 +49,28 @@ def _with_vsd(cfg: Config, model: Model, out: losses.LossOutput, x0, onehot) -> 
 
 
 def micro_batch_loss(cfg: Config, model: Model, x0: torch.Tensor, onehot: Optional[torch.Tensor],
-                     step: int, augment_labels: Optional[torch.Tensor] = None) -> losses.LossOutput:
+                     step: int, augment_labels: Optional[torch.Tensor] = None,
+                     references=None) -> losses.LossOutput:
     """The loss of one micro-batch (its mean over examples); `augment_labels`: what the
     augmentation did to x0 (EDM's augment label), given to every network call of the objective
-    (not to aVSD's, whose samples are generated, never augmented)."""
-    out = OBJECTIVES[cfg.method](cfg, model.with_augment_labels(augment_labels), x0, onehot, step)
+    (not to aVSD's, whose samples are generated, never augmented); `references`: sCT's extra
+    reference examples (:class:`scmctl.batch_velocity.References`) or None."""
+    out = OBJECTIVES[cfg.method](cfg, model.with_augment_labels(augment_labels), x0, onehot, step,
+                                 augment_labels, references)
     return _with_vsd(cfg, model, out, x0, onehot) if uses_vsd(cfg) else out
 
 
 def accumulate_gradients(cfg: Config, model: Model, micro_batches: Iterable[tuple[Optional[torch.Tensor], ...]],
                          count: int, step: int) -> list[losses.LossOutput]:
-    """Backpropagate `count` micro-batches (an iterable of (x0, one-hot labels[, augment labels]),
+    """Backpropagate `count` micro-batches (an iterable of (x0, one-hot labels[, augment labels[,
+    references]]),
     drawn lazily so each is drawn right after its seed) into the parameters' .grad, each loss
     scaled by 1/count: with DDP/FSDP averaging over processes, .grad is the gradient of the mean
     over all examples."""
     outs = []
-    for k, (x0, onehot, *augment_labels) in enumerate(micro_batches):
+    for k, (x0, onehot, *extra) in enumerate(micro_batches):
         with model.sync(last=k == count - 1):
-            out = micro_batch_loss(cfg, model, x0, onehot, step, *augment_labels)
+            out = micro_batch_loss(cfg, model, x0, onehot, step, *extra)
             (out.loss if count == 1 else out.loss / count).backward()
             if out.then is not None:  # a loss of other parameters (aVSD's F_φ), built after this backward
                 aux = out.then()

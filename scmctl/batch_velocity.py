@@ -64,13 +64,6 @@ def allowed_pairs(labels: Optional[torch.Tensor], ref_labels: Optional[torch.Ten
     return mask
 
 
-def same_class(labels: Optional[torch.Tensor], n_ref: int) -> Optional[torch.Tensor]:
-    """(n, n) mask of allowed pairs within the samples' own batch (see :func:`allowed_pairs`)."""
-    if labels is not None and n_ref != labels.shape[0]:
-        raise ValueError("a labelled reference batch must be the samples' own batch")
-    return allowed_pairs(labels, labels)
-
-
 def _cat(own: Optional[torch.Tensor], extra: Optional[torch.Tensor], what: str) -> Optional[torch.Tensor]:
     if own is None:
         return None

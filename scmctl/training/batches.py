@@ -43,8 +43,12 @@ def augment(cfg: Config, x0: torch.Tensor) -> tuple[torch.Tensor, Optional[torch
     return x0, None
 
 
-def _onehot(labels: Optional[torch.Tensor], num_classes: int, device: torch.device) -> Optional[torch.Tensor]:
-    return losses.drop_labels(labels.to(device), num_classes, 0.0) if (labels is not None and num_classes) else None
+def _onehot(labels: Optional[torch.Tensor], num_classes: int, device: torch.device,
+            dropout: float = 0.0) -> Optional[torch.Tensor]:
+    """One-hot rows on `device` (each zeroed with probability `dropout`), or None without classes."""
+    if labels is None or not num_classes:
+        return None
+    return losses.drop_labels(labels.to(device), num_classes, dropout)
 
 
 def references(cfg: Config, dataset, device: torch.device) -> Optional[References]:
@@ -73,5 +77,4 @@ def micro_batches(cfg: Config, dataset, layout: BatchLayout, rank: int, step: in
         x0, labels = dataset.batch(idx[j * layout.micro:(j + 1) * layout.micro])
         x0, augment_labels = augment(cfg, x0.to(device))  # before the loss draws any noise
         refs = references(cfg, dataset, device)
-        labels = labels.to(device) if (labels is not None and num_classes) else None
-        yield x0, losses.drop_labels(labels, num_classes, cfg.network.label_dropout), augment_labels, refs
+        yield x0, _onehot(labels, num_classes, device, cfg.network.label_dropout), augment_labels, refs

@@ -73,27 +73,21 @@ def _cat(own: Optional[torch.Tensor], extra: Optional[torch.Tensor], what: str) 
 
 
 def batch_velocity(x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, z: torch.Tensor,
-                   sigma_data: float, x0_ref: Optional[torch.Tensor] = None,
-                   labels: Optional[torch.Tensor] = None, augment_labels: Optional[torch.Tensor] = None,
+                   sigma_data: float, labels: Optional[torch.Tensor] = None,
+                   augment_labels: Optional[torch.Tensor] = None,
                    references: Optional[References] = None) -> torch.Tensor:
     """v̂ for samples x_t = cos t·x0 + sin t·z (z of std σ_d), averaged over the batch's own x0
     and the extra `references` (their labels and augment labels must be given where the batch
-    has them). `x0_ref`: an unlabelled reference set (R, ...) whose first n rows are x0 itself
-    (tests). Computed in float64, returned in x_t's dtype."""
+    has them). Computed in float64, returned in x_t's dtype."""
     n = x_t.shape[0]
-    if references is not None:
-        if x0_ref is not None:
-            raise ValueError("give x0_ref or references, not both")
+    if references is None:
+        x0_ref, ref_labels, ref_augment = x0, labels, augment_labels
+    else:
+        if references.x0.shape[1:] != x0.shape[1:]:
+            raise ValueError(f"references of shape {tuple(references.x0.shape[1:])} for a batch of {tuple(x0.shape[1:])}")
         x0_ref = torch.cat([x0, references.x0.to(x0.device, x0.dtype)])
         ref_labels = _cat(labels, references.labels, "labels")
         ref_augment = _cat(augment_labels, references.augment_labels, "augment labels")
-    else:
-        x0_ref = x0 if x0_ref is None else x0_ref
-        if labels is not None and x0_ref.shape[0] != n:
-            raise ValueError("a labelled reference set must come as references (with their labels)")
-        ref_labels, ref_augment = labels, augment_labels
-    if x0_ref.shape[0] < n or x0_ref.shape[1:] != x0.shape[1:]:
-        raise ValueError(f"x0_ref must hold the batch's own x0 first: got {tuple(x0_ref.shape)} for {tuple(x0.shape)}")
     xt64, ref = x_t.flatten(1).double(), x0_ref.flatten(1).double()
     t64 = t.double()
     c, s = torch.cos(t64)[:, None], torch.sin(t64)[:, None]

@@ -55,6 +55,12 @@ def uses_vsd(cfg: "Config") -> bool:
     return cfg.method == "scd" and cfg.loss.vsd_weight > 0
 
 
+def runs_batch_velocity(loss: "LossConfig") -> bool:
+    """sCT's posterior-averaged velocity runs: asked for, and continuous time (discrete-time sCT
+    takes the exact x_t' of each sample's own pair, so it runs the conditional velocity)."""
+    return loss.sct_velocity == "batch" and not loss.discrete_steps
+
+
 def model_kind(method: str) -> str:
     """The kind of model a training method makes: 'diffusion' (the teacher) or 'consistency'."""
     return METHOD_KINDS[method]
@@ -162,7 +168,8 @@ class LossConfig:
                                           # (stable target field, Xu et al. 2023; scmctl/batch_velocity.py);
                                           # discrete-time sCT runs conditional (its x_{t'} is exact)
     sct_references: int = 0               # with sct_velocity=batch: extra data examples per micro-batch
-                                          # in the posterior average (Xu et al.'s larger reference batch)
+                                          # in the posterior average (Xu et al.'s larger reference batch);
+                                          # unused (a run records 0 and says so) by the conditional velocity
     # multistep sCM (issue 13 part 2; Heek et al. 2024; scmctl/segments.py)
     segments: int = 1                     # M: f_θ maps t in (s_{i−1}, s_i] to s_{i−1}; 1 = sCM
     segment_boundaries: Optional[list[float]] = None  # M + 1 increasing t from 0 to t_max;
@@ -549,9 +556,6 @@ def validate(cfg: Config) -> None:
                          "set loss.sct_velocity=conditional")
     if cfg.loss.sct_references < 0:
         raise UsageError(f"config key 'loss.sct_references' must be >= 0, got {cfg.loss.sct_references}")
-    if cfg.loss.sct_references and cfg.loss.sct_velocity != "batch":
-        raise UsageError(f"loss.sct_references={cfg.loss.sct_references} extends the batch velocity's average: "
-                         "set loss.sct_velocity=batch, or loss.sct_references=0")
     if not 0 < cfg.sample.t_mid < 1.5707963:
         raise UsageError(f"config key 'sample.t_mid' must be in (0, π/2), got {cfg.sample.t_mid}")
 

@@ -38,7 +38,7 @@ import torch.autograd.forward_ad as fwAD
 
 from scmctl import discrete, segments, trigflow
 from scmctl.batch_velocity import References, batch_velocity
-from scmctl.config import LossConfig
+from scmctl.config import LossConfig, runs_batch_velocity
 from scmctl.devices import fork_rng
 from scmctl.trigflow import per_sample
 
@@ -233,7 +233,7 @@ def consistency_loss(net, x0: torch.Tensor, labels: Optional[torch.Tensor], cfg:
     else:
         t, t_ref = trigflow.sample_time(n, cfg.P_mean, cfg.P_std, sigma_data, device=x0.device), None
     x_t = trigflow.add_noise(x0, z, t)
-    if teacher is None and cfg.sct_velocity == "batch" and not cfg.discrete_steps:  # posterior average
+    if teacher is None and runs_batch_velocity(cfg):  # posterior average
         dxdt = batch_velocity(x_t, t, x0, z, sigma_data, labels=labels, augment_labels=augment_labels,
                               references=references)
         guidance = None

@@ -31,7 +31,7 @@ def test_large_reference_gives_the_gaussian_marginal_velocity(t):
     z = torch.randn(n, d, generator=g, dtype=torch.float64) * SD
     tt = torch.full((n,), t, dtype=torch.float64)
     x_t = trigflow.add_noise(x0, z, tt)
-    v = batch_velocity(x_t, tt, x0, z, SD, x0_ref=ref)
+    v = batch_velocity(x_t, tt, x0, z, SD, references=References(ref[n:]))
     exact = _gaussian_marginal_velocity(x_t, t, s_data)
     cond = trigflow.velocity(x0, z, tt)
     err, err_cond = (v - exact).norm() / exact.norm(), (cond - exact).norm() / exact.norm()
@@ -73,7 +73,7 @@ def test_labels_restrict_the_average_to_the_class():
 
 
 def test_extra_references_join_the_average_by_class_and_augmentation():
-    """References beside the batch: unlabelled they are the x0_ref path exactly; with labels only
+    """References beside the batch: unlabelled they join the posterior over the pool; with labels only
     the sample's class counts (a dropped label: all); with augment labels only references that
     went through the same transformation."""
     g = torch.Generator().manual_seed(4)
@@ -83,12 +83,17 @@ def test_extra_references_join_the_average_by_class_and_augmentation():
     z = torch.randn(n, d, generator=g, dtype=torch.float64) * SD
     t = torch.full((n,), 1.4, dtype=torch.float64)
     x_t = trigflow.add_noise(x0, z, t)
-    v = batch_velocity(x_t, t, x0, z, SD, references=References(extra))
-    assert torch.equal(v, batch_velocity(x_t, t, x0, z, SD, x0_ref=torch.cat([x0, extra])))
 
     def posterior_mean(pool, xt, tt):  # brute force, one sample at a time
         logp = -((xt - math.cos(tt) * pool) ** 2).sum(1) / (2 * SD**2 * math.sin(tt) ** 2)
         return (torch.softmax(logp, 0)[:, None] * pool).sum(0)
+
+    v = batch_velocity(x_t, t, x0, z, SD, references=References(extra))
+    x0_hat = math.cos(1.4) * x_t - math.sin(1.4) * v
+    for i in range(n):
+        assert torch.allclose(x0_hat[i], posterior_mean(torch.cat([x0, extra]), x_t[i], 1.4), atol=1e-10), i
+    with pytest.raises(ValueError, match="references of shape"):
+        batch_velocity(x_t, t, x0, z, SD, references=References(extra[:, :3]))
 
     cls, ref_cls = torch.arange(n) % 3, torch.arange(r) % 3
     labels = torch.nn.functional.one_hot(cls, 3).double()
@@ -152,9 +157,20 @@ def test_batch_velocity_is_for_sct_only(method):
         config_mod.resolve(method=method, preset="tiny", overrides=["loss.sct_velocity=batch"])
 
 
-def test_references_need_the_batch_velocity():
-    with pytest.raises(UsageError, match="set loss.sct_velocity=batch, or loss.sct_references=0"):
-        config_mod.resolve(method="sct", preset="tiny", overrides=["loss.sct_references=100"])
+def test_references_without_the_batch_velocity_are_unused_and_said_so():
+    """The conditional velocity averages nothing: the run records loss.sct_references 0 and says so
+    (the tiny preset's sct_init asks for references; a user may pick the conditional velocity)."""
+    from scmctl.data.datasets import load_dataset
+    from scmctl.training.run_config import resolve_for_run
+
+    digits = load_dataset("digits", 8)
+    for method, init, velocity, used in [("sct", "t.pt", "batch", True), ("sct", "t.pt", "conditional", False),
+                                         ("sct", None, "conditional", False), ("scd", None, "conditional", False)]:
+        cfg = config_mod.resolve(method=method, preset="tiny", init=init, overrides=[
+            "data.resolution=8", "loss.sct_references=100", f"loss.sct_velocity={velocity}"])
+        ran, notes = resolve_for_run(cfg, dataset=digits)
+        assert ran.loss.sct_references == (100 if used else 0), (method, init, velocity)
+        assert any("loss.sct_references=100 unused" in n for n in notes) != used
     with pytest.raises(UsageError, match="'loss.sct_references' must be >= 0"):
         config_mod.resolve(method="sct", preset="tiny", init="t.pt", overrides=["loss.sct_references=-1"])
 

@@ -250,10 +250,11 @@ def test_two_steps_beat_one_on_digits(tmp_path):
 
 def test_sct_from_a_digits_teacher_two_steps_near_the_teacher(tmp_path):
     """Issue 10's setting at CI scale: sCT from a trained diffusion teacher's EMA (`scmctl train
-    --init`, which applies the preset's sct_init variant: lr 1e-3 and the batch-averaged velocity)
-    on the 8x8 digits. Teacher 1000 steps, students 500 steps; pixel FD as above, the teacher at 18
-    DPM-Solver-2S steps (35 NFE). The student lands near the teacher, its second step pays off, and
-    the batch velocity beats the paper's conditional one (same run with loss.sct_velocity=conditional)."""
+    --init`, which applies the preset's sct_init variant: lr 1e-3 and the batch-averaged velocity
+    with 960 more reference digits) on the 8x8 digits. Teacher 1000 steps, students 500 steps; pixel
+    FD as above, the teacher at 18 DPM-Solver-2S steps (35 NFE). The student lands near the teacher,
+    its second step pays off, and the batch velocity beats the paper's conditional one (same run
+    with loss.sct_velocity=conditional, which leaves the references unused)."""
     torch.set_num_threads(2)
     teacher_run = cli_run(tmp_path / "teacher", ["train", "--objective", "diffusion"], 1000)
     ref = digits_fd(ema_of(teacher_run)[0], "diffusion", 18)
@@ -261,21 +262,24 @@ def test_sct_from_a_digits_teacher_two_steps_near_the_teacher(tmp_path):
     for velocity, extra in [("batch", []), ("conditional", ["--set", "loss.sct_velocity=conditional"])]:
         student, cfg = ema_of(cli_run(tmp_path / velocity, ["train", "--init", str(teacher_run), *extra], 500))
         assert cfg.train.lr == pytest.approx(1e-3) and cfg.loss.sct_velocity == velocity  # sct_init
+        assert cfg.loss.sct_references == (960 if velocity == "batch" else 0)
         fd[velocity] = digits_fd(student, "consistency", 1), digits_fd(student, "consistency", 2)
         print(f"digits 8x8 pixel FD: teacher (35 NFE) {ref:.4f}; sCT ({velocity} velocity) from it, 1-step "
               f"{fd[velocity][0]:.4f} ({fd[velocity][0] / ref:.2f}x), 2-step {fd[velocity][1]:.4f} "
               f"({fd[velocity][1] / ref:.2f}x)")
     (one, two), (one_c, two_c) = fd["batch"], fd["conditional"]
-    # Observed (2 threads; deterministic): teacher 0.3661; batch velocity 1-step 0.5103 (1.39x), 2-step
-    # 0.3888 (1.06x the teacher, 0.76x the 1-step); conditional 0.6997 (1.91x) / 0.4448 (1.21x, 0.64x).
-    # Earlier: the conditional student at the teacher's lr 1e-2: 0.5854 / 0.5546 (2-step 1.51x);
-    # sCD (distill, lr 1e-3, 500 steps): 0.5411 / 0.4391.
-    # Margins: 2-step within 1.2x of the teacher (1.13x the observed; the conditional student fails
-    # it), 1-step within 1.6x; 2-step under 0.85x the 1-step (the paper's CIFAR-10 ratio is 0.72x);
-    # the batch velocity at least 15% better at 1 step (observed 27%) and 5% at 2 steps (observed 13%).
-    assert two < 1.2 * ref and one < 1.6 * ref
+    # Observed (2 threads; deterministic): teacher 0.3661; batch velocity + 960 references, 1-step
+    # 0.4743 (1.30x), 2-step 0.3763 (1.03x the teacher, 0.79x the 1-step); train.seed 1 / 2: 1.26x /
+    # 1.00x, 1.28x / 1.03x. Conditional 0.6997 (1.91x) / 0.4448 (1.21x, 0.64x). Earlier: the batch
+    # velocity without references 0.5103 (1.39x) / 0.3888 (1.06x); the conditional student at the
+    # teacher's lr 1e-2: 0.5854 / 0.5546 (2-step 1.51x); sCD (distill, lr 1e-3): 0.5411 / 0.4391.
+    # Margins: issue 10's goals, 2-step within 1.1x of the teacher (the observed 1.03x, 7% under;
+    # the seeds spread 3%), 1-step within 1.4x (observed 1.30x); 2-step under 0.85x the 1-step (the
+    # paper's CIFAR-10 ratio is 0.72x); the batch velocity at least 20% better at 1 step (observed
+    # 32%) and 10% at 2 steps (observed 15%).
+    assert two < 1.1 * ref and one < 1.4 * ref
     assert two < 0.85 * one and two_c < 0.85 * one_c
-    assert one < 0.85 * one_c and two < 0.95 * two_c
+    assert one < 0.8 * one_c and two < 0.9 * two_c
 
 
 def test_discrete_time_scm_approaches_continuous_as_n_grows():

@@ -14,7 +14,8 @@ the run, :func:`resolve_for_run` makes the one copy the run uses, and nothing ed
 - a multistep model's segment boundaries (loss.segment_boundaries; null = the default placement);
 - what the hardware setup forces: the effective loss.jvp_mode (:func:`effective_jvp_mode`; the
   separate mode for discrete-time sCM, loss.discrete_steps > 0, which has no jvp; its sCT takes the
-  exact x_t' of each pair, so loss.sct_velocity runs as conditional) and, under
+  exact x_t' of each pair, so loss.sct_velocity runs as conditional); loss.sct_references only
+  where sCT's batch velocity runs (else 0, with a note) and, under
   train.compile, the attention backend that ``auto`` means.
 
 config.yaml and every checkpoint record this config, so a run directory shows what actually ran.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import copy
 from typing import Optional, Sequence
 
-from scmctl.config import Config, from_dict, validate
+from scmctl.config import Config, from_dict, runs_batch_velocity, validate
 from scmctl.errors import UsageError
 from scmctl.segments import resolved_boundaries
 from scmctl.training.parallel import effective_jvp_mode
@@ -82,11 +83,14 @@ def resolve_for_run(cfg: Config, *, world: int = 1, device: str = "auto", datase
     if mode != cfg.loss.jvp_mode:
         notes.append(f"loss.jvp_mode={cfg.loss.jvp_mode} runs as {mode}: {why}")
         cfg.loss.jvp_mode = mode
-    if cfg.loss.discrete_steps and cfg.loss.sct_velocity != "conditional":
-        refs = f" (loss.sct_references={cfg.loss.sct_references} unused)" if cfg.loss.sct_references else ""
-        notes.append(f"loss.sct_velocity={cfg.loss.sct_velocity} runs as conditional{refs}: discrete-time sCT "
+    if cfg.loss.sct_velocity != "conditional" and not runs_batch_velocity(cfg.loss):
+        notes.append(f"loss.sct_velocity={cfg.loss.sct_velocity} runs as conditional: discrete-time sCT "
                      "takes the exact point x_t' of each sample's own pair")
         cfg.loss.sct_velocity = "conditional"
+    if cfg.loss.sct_references and not (cfg.method == "sct" and runs_batch_velocity(cfg.loss)):
+        # e.g. the tiny preset's sct_init asks for references and the user picks the conditional velocity
+        notes.append(f"loss.sct_references={cfg.loss.sct_references} unused: only sCT's batch velocity "
+                     "averages over references")
         cfg.loss.sct_references = 0
     if cfg.loss.discrete_steps and cfg.train.precision == "bf16" and not cfg.loss.jvp_fp32:
         notes.append(DISCRETE_BF16_WARNING)

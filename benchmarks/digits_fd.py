@@ -23,7 +23,9 @@ Training goes through scmctl's own CLI (``python -m scmctl train/distill``, the 
 runs), in ``--work DIR``: ``teacher-N``, and the students in ``from-TEACHER/{sct,scd}-N``
 (``sct-TAG-N`` with ``--tag``); re-running resumes, so a finished run is only evaluated.
 ``--teacher/--sct/--scd PATH`` evaluate given checkpoints or run directories instead of training.
-Students start from the teacher's EMA weights (sCT: ``--init``, sCD: ``--teacher``), as in issue 10.
+Students start from the teacher's EMA weights (sCT: ``--init``, sCD: ``--teacher``), as in issue 10;
+``sct-scratch`` is issue 10's from-scratch road: sCT from scratch for the teacher's and the student's
+steps together (``work/sct-scratch-N``; ``--set-sct`` applies to it too).
 ``--first-seed`` scores another set of seeds (the FD's spread between sample sets).
 
     # the issue's budgets (hours on 2 CPU cores):
@@ -34,6 +36,9 @@ Students start from the teacher's EMA weights (sCT: ``--init``, sCD: ``--teacher
         --teacher-steps 2000 --student-steps 1000 --methods sct,scd
     python benchmarks/digits_fd.py --cache /tmp/digits-fd --work /tmp/digits-runs --teacher-steps 2000 \\
         --student-steps 1000 --methods sct --tag drop02 --set-sct network.dropout=0.2
+    # the same total budget from scratch, against sCT from the teacher:
+    python benchmarks/digits_fd.py --cache /tmp/digits-fd --work /tmp/digits-runs \\
+        --teacher-steps 6000 --student-steps 5000 --methods sct,sct-scratch
     # evaluate checkpoints only, with a 2-step t_mid grid, as JSON:
     python benchmarks/digits_fd.py --cache /tmp/digits-fd --teacher runs/tiny-diffusion \\
         --sct runs/tiny-sct --tmid-grid 0.8,1.0,1.1,1.3 --json
@@ -272,21 +277,26 @@ def train_models(a) -> tuple[dict, dict]:
                                    d.with_suffix(".log"))
         models["teacher"] = str(d)
     for method in a.methods:
-        given = getattr(a, method)
+        given = getattr(a, method.replace("-", "_"))
         name = f"{method}-{a.tag}" if a.tag else method
         if given:
             models[name], walls[name] = given, None
             continue
         if work is None or a.student_steps is None:
             sys.exit(f"give --{method} PATH, or --work DIR and --student-steps N to train it")
-        d = work / f"from-{Path(models['teacher']).stem}" / f"{name}-{a.student_steps}"
-        extra = _sets(a.set_student + (a.set_sct if method == "sct" else a.set_scd))
-        if method == "sct":
-            cmd = ["train", "--preset", a.preset, "--init", models["teacher"]]
+        extra = _sets(a.set_student + (a.set_scd if method == "scd" else a.set_sct))
+        if method == "sct-scratch":  # the teacher's and the student's steps together, no teacher
+            if a.teacher_steps is None:
+                sys.exit("sct-scratch trains --teacher-steps + --student-steps: give --teacher-steps")
+            steps = a.teacher_steps + a.student_steps
+            d, cmd = work / f"{name}-{steps}", ["train", "--preset", a.preset]
         else:
-            cmd = ["distill", "--preset", a.preset, "--teacher", models["teacher"]]
-        walls[name] = run_cli([*cmd, "--steps", str(a.student_steps), "--run-dir", str(d), *extra],
-                              d.with_suffix(".log"))
+            steps, d = a.student_steps, work / f"from-{Path(models['teacher']).stem}" / f"{name}-{a.student_steps}"
+            if method == "sct":
+                cmd = ["train", "--preset", a.preset, "--init", models["teacher"]]
+            else:
+                cmd = ["distill", "--preset", a.preset, "--teacher", models["teacher"]]
+        walls[name] = run_cli([*cmd, "--steps", str(steps), "--run-dir", str(d), *extra], d.with_suffix(".log"))
         models[name] = str(d)
     return models, walls
 
@@ -374,10 +384,13 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="tiny")
     p.add_argument("--teacher-steps", type=int)
     p.add_argument("--student-steps", type=int)
-    p.add_argument("--methods", default="sct,scd", help="students to train/evaluate: sct, scd or both")
+    p.add_argument("--methods", default="sct,scd",
+                   help="models to train/evaluate besides the teacher, comma-separated: sct, scd (from the "
+                        "teacher), sct-scratch (sCT from scratch for teacher + student steps)")
     p.add_argument("--teacher", help="evaluate this teacher checkpoint / run dir instead of training one")
     p.add_argument("--sct", help="evaluate this sCT checkpoint / run dir instead of training one")
     p.add_argument("--scd", help="evaluate this sCD checkpoint / run dir instead of training one")
+    p.add_argument("--sct-scratch", help="evaluate this from-scratch sCT checkpoint / run dir instead")
     p.add_argument("--tag", help="suffix of the students' run names (a variant: sct-TAG)")
     p.add_argument("--set-teacher", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--set-student", action="append", default=[], metavar="KEY=VALUE", help="both students")
@@ -390,8 +403,8 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     a = p.parse_args(argv)
     a.methods = [m for m in a.methods.split(",") if m]
-    if any(m not in ("sct", "scd") for m in a.methods):
-        p.error("--methods: sct and/or scd")
+    if any(m not in ("sct", "scd", "sct-scratch") for m in a.methods):
+        p.error("--methods: any of sct, scd, sct-scratch")
     a.tmid_grid = [float(t) for t in a.tmid_grid.split(",")] if a.tmid_grid else None
     return a
 

@@ -55,3 +55,25 @@ def test_fd_equals_an_independent_numpy_computation(ref):
     np.testing.assert_allclose(f, f_direct, rtol=1e-5, atol=1e-6)
     expected = numpy_fd(f_direct, ref.features)
     assert ref.score(images)["fd"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_runs_it_trains(monkeypatch, tmp_path):
+    """The commands behind each model: students from the teacher's run (sCT --init, sCD --teacher)
+    and issue 10's from-scratch road, sCT for the teacher's and the student's steps together."""
+    calls = []
+    monkeypatch.setattr(digits_fd, "run_cli", lambda args, log: calls.append(args) or 1.0)
+    a = digits_fd.parse_args(["--cache", str(tmp_path), "--work", str(tmp_path), "--teacher-steps", "60",
+                              "--student-steps", "50", "--methods", "sct,scd,sct-scratch",
+                              "--set-sct", "loss.sct_references=9"])
+    models, walls = digits_fd.train_models(a)
+    teacher = str(tmp_path / "teacher-60")
+    assert models == {"teacher": teacher, "sct": str(tmp_path / "from-teacher-60" / "sct-50"),
+                      "scd": str(tmp_path / "from-teacher-60" / "scd-50"),
+                      "sct-scratch": str(tmp_path / "sct-scratch-110")}
+    assert calls[1][:5] == ["train", "--preset", "tiny", "--init", teacher] and calls[1][-2:] == [
+        "--set", "loss.sct_references=9"]
+    assert calls[2][:5] == ["distill", "--preset", "tiny", "--teacher", teacher] and "--set" not in calls[2]
+    assert calls[3] == ["train", "--preset", "tiny", "--steps", "110", "--run-dir", models["sct-scratch"],
+                        "--set", "loss.sct_references=9"]
+    with pytest.raises(SystemExit):
+        digits_fd.parse_args(["--cache", str(tmp_path), "--methods", "sct,bogus"])

@@ -172,7 +172,8 @@ def test_sct_from_a_pretrained_network_uses_the_sct_init_variant():
     scratch = config.resolve("tiny", "sct")
     init = config.resolve("tiny", "sct", init="teacher.pt")
     assert (scratch.train.lr, init.train.lr) == (1.0e-2, 1.0e-3)
-    assert config.diff(scratch, init) == ["init", "train.lr", "loss.sct_velocity", "loss.sct_references"]
+    assert config.diff(scratch, init) == ["init", "train.lr", "loss.sct_velocity", "loss.sct_references",
+                                          "sample.t_mid"]
     assert (scratch.loss.sct_velocity, init.loss.sct_velocity) == ("conditional", "batch")
     assert (scratch.loss.sct_references, init.loss.sct_references) == (0, 960)
     assert config.resolve("tiny", "sct", ["train.lr=5e-3"], init="teacher.pt").train.lr == 5e-3
